@@ -1,0 +1,5 @@
+import sys
+
+from jpaged.cli import main
+
+sys.exit(main())

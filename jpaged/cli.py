@@ -1,0 +1,104 @@
+"""`jpaged` command line: convert, generate (serve and bench arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a KV cache is in a language model.",
+    "Give me three tips for learning to cook.",
+]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 1."""
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="jpaged checkpoint, HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    names = ["dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+             "num_kv_blocks", "block_size", "attn_backend", "seed"]
+    return {name: getattr(args, name) for name in names}
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from convert.convert import convert_checkpoint
+
+    convert_checkpoint(args.src, args.out, dtype=args.dtype)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from jpaged import LLM, SamplingParams
+
+    prompts = args.prompt or DEMO_PROMPTS
+    chat = args.chat or not args.prompt  # the demo prompts are questions for the instruct model
+    start = time.perf_counter()
+    llm = LLM(args.model, **_engine_kwargs(args))
+    print(f"loaded {llm.model_dir.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    inputs = [{"prompt": p, "prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} if chat else p
+              for p in prompts]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.sampling_seed)
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    for prompt, out in zip(prompts, outputs):
+        print(f"\n>>> {prompt}\n{out.outputs[0].text.strip()}\n[{len(out.outputs[0].token_ids)} tokens, {out.outputs[0].finish_reason}]")
+    print(f"\n{len(outputs)} requests, {num_out} output tokens in {elapsed:.2f}s: {num_out / elapsed:.1f} output tokens/s "
+          "(first call includes jit compilation)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jpaged", description="LLM inference on JAX with a paged KV cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert an HF folder or a GGUF file into a jpaged checkpoint")
+    p.add_argument("src", help="HF model folder (config.json, *.safetensors, tokenizer) or a .gguf file")
+    p.add_argument("out", help="output folder (must not exist)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the source's dtype")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("generate", help="generate completions (default: a demo batch of chat prompts)")
+    _add_engine_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a demo batch")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--sampling-seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save and restore
+    try:
+        args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"jpaged {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Engine configuration: everything about how a model is served, as one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Options of `LLM(...)` and the CLI. Validated on construction."""
+
+    model: str | None = None
+    """A jpaged checkpoint, an HF folder, a .gguf file, or None for the embedded default model.
+    With load_format="dummy", a config.json (or a folder holding one)."""
+    dtype: str = "auto"
+    """Parameter and KV dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    load_format: str = "auto"
+    """auto: load the checkpoint's weights; dummy: random weights of the config's shapes."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output) in tokens; None = min(model's max positions, 4096)."""
+    block_size: int = 16
+    """Tokens per KV page (a power of two)."""
+    num_kv_blocks: int | None = None
+    """KV pages per layer including the null page; None = sized from kv_cache_memory_gib."""
+    kv_cache_memory_gib: float = 1.0
+    """KV budget in GiB when num_kv_blocks is None."""
+    max_num_seqs: int = 16
+    """Most sequences in one step."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks + decode tokens)."""
+    attn_backend: str = "auto"
+    """auto (pallas on GPU, xla on CPU), xla, pallas."""
+    seed: int = 0
+    """Seed of the engine's generator (per-request seeds of requests that give none; dummy weights)."""
+
+    def __post_init__(self):
+        def check(ok: bool, field: str, rule: str):
+            if not ok:
+                raise ValueError(f"{field} must be {rule}, got {getattr(self, field)!r}")
+
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto|float32|bfloat16|float16")
+        check(self.load_format in ("auto", "dummy"), "load_format", "auto|dummy")
+        check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1")
+        check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size", "a power of two")
+        check(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", ">= 2")
+        check(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib", "> 0")
+        check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
+        check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1")

@@ -1,0 +1,79 @@
+"""Paged attention for the model: KV writes into the page pool and the backend behind one signature."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.reference import ragged_paged_attention_reference
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens go in the KV pool and what each sequence attends to.
+
+    Passed explicitly down the model (never a global). All fields are device arrays padded to
+    the step's buckets; padding tokens have slot_mapping == NP * L (past the pool, dropped).
+    """
+
+    slot_mapping: jax.Array  # int32 [T] flat slot (page * L + offset) each token's K/V is written to
+    block_tables: jax.Array  # int32 [B, P] page ids per sequence; padding entries are page 0
+    kv_lens: jax.Array  # int32 [B] KV length per sequence after this step's tokens
+    cu_q_lens: jax.Array  # int32 [B + 1] cumulative query lengths over the flat token axis
+
+
+# backend(q [T, N, H], k_pages, v_pages, metadata, scale) -> [T, N, H]
+AttentionBackend = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata, float], jax.Array]
+
+
+def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float) -> jax.Array:
+    return ragged_paged_attention_reference(
+        q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens, scale=scale
+    )
+
+
+BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend}
+
+
+def resolve_backend(name: str) -> str:
+    """Maps "auto" to a concrete backend for the default device; validates the name."""
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and "pallas" in BACKENDS else "xla"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters k, v [T, K, H] into the pools [NP, L, K, H] at slot_mapping [T].
+
+    Padding slots point one past the pool and are dropped (JAX would wrap a negative index).
+    """
+    num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
+    flat = (num_pages * page_size, num_kv_heads, head_dim)
+    k_pages = k_pages.reshape(flat).at[slot_mapping].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.reshape(flat).at[slot_mapping].set(v.astype(v_pages.dtype), mode="drop")
+    return k_pages.reshape(num_pages, page_size, num_kv_heads, head_dim), v_pages.reshape(
+        num_pages, page_size, num_kv_heads, head_dim
+    )
+
+
+def paged_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *, scale: float, backend: str
+) -> jax.Array:
+    """q [T, N, H] attending through meta's block tables -> [T, N, H]."""
+    return BACKENDS[backend](q, k_pages, v_pages, meta, scale)
+
+
+def alloc_kv_pools(
+    num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype
+) -> list[tuple[jax.Array, jax.Array]]:
+    """Zeroed (k_pages, v_pages) [NP, L, K, H] per layer; page 0 is the null page."""
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]

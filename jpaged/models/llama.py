@@ -1,0 +1,139 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in Flax NNX over a paged KV cache.
+
+One flat batch of T tokens from any number of sequences goes through every layer; attention
+writes the new K/V into each layer's page pool and reads history through block tables. The
+model never sees requests or schedulers, only arrays.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jpaged.models.attention import AttentionMetadata, paged_attention, write_kv
+from jpaged.models.config import ModelConfig
+from jpaged.models.rope import apply_rope, inverse_frequencies
+from jpaged.typing import KVCache
+
+# Random init for dummy weights (benchmarks of large shapes): the usual LLM init scale.
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out], stored in the model dtype."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_INIT(rngs.params(), (in_dim, out_dim), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_dim,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled after casting back (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, backend: str, dtype, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.q_proj = Linear(d, n * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, k * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, k * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(n * h, d, bias=config.o_bias, dtype=dtype, rngs=rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.config = config
+        self.backend = backend
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv: KVCache, meta: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = inverse_frequencies(self.config)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        out = paged_attention(q, k_pages, v_pages, meta, scale=self.head_dim**-0.5, backend=self.backend)
+        return self.o_proj(out.reshape(num_tokens, -1)), (k_pages, v_pages)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=b, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, backend: str, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(config, backend=backend, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
+        attn_out, kv = self.attn(self.input_norm(x), positions, kv, meta)
+        x = x + attn_out
+        return x + self.mlp(self.post_attn_norm(x)), kv
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM. `__call__` runs the layers; `logits` projects selected hidden states."""
+
+    def __init__(self, config: ModelConfig, *, backend: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Param(_INIT(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+        self.layers = nnx.List(
+            [DecoderLayer(config, backend=backend, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(
+        self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """token_ids, positions [T] -> hidden states [T, D] (before the final norm) and new KV pools."""
+        x = self.embed[...][token_ids]  # [T, D]
+        new_caches = []
+        for layer, kv in zip(self.layers, kv_caches):
+            x, kv = layer(x, positions, kv, meta)
+            new_caches.append(kv)
+        return x, new_caches
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, D] (rows picked from __call__'s output) -> float32 logits [B, V]."""
+        h = self.norm(hidden)
+        if self.lm_head is None:
+            out = h @ self.embed[...].T
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)

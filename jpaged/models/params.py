@@ -1,0 +1,84 @@
+"""The parameter tree: the model's NNX state as a plain nested dict with string keys.
+
+That dict is what checkpoints hold and what conversion fills, e.g.
+`{"embed": [V, D], "layers": {"0": {"attn": {"q_proj": {"kernel": [D, N*H]}}, ...}}, "norm": {...}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jpaged.models.config import ModelConfig
+from jpaged.models.llama import CausalLM
+
+ParamTree = dict[str, Any]
+
+
+def _stringify_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _stringify_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _nnx_keys(tree: Any, like: Any) -> Any:
+    """Gives tree the key types of `like` (NNX lists are keyed by int)."""
+    if isinstance(like, dict):
+        return {k: _nnx_keys(tree[str(k)], v) for k, v in like.items()}
+    return tree
+
+
+def _abstract_model(config: ModelConfig, backend: str, dtype) -> CausalLM:
+    return nnx.eval_shape(lambda: CausalLM(config, backend=backend, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def _pure_dict(state: nnx.State) -> dict:
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> ParamTree:
+    """The expected tree of jax.ShapeDtypeStruct for a config, without allocating anything."""
+    return _stringify_keys(_pure_dict(nnx.state(_abstract_model(config, "xla", dtype), nnx.Param)))
+
+
+def flatten(tree: ParamTree, prefix: str = "") -> dict[str, Any]:
+    """{"layers": {"0": {"w": x}}} -> {"layers.0.w": x}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> ParamTree:
+    tree: ParamTree = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def build_model(config: ModelConfig, params: ParamTree, *, backend: str = "xla", dtype=jnp.float32) -> CausalLM:
+    """A CausalLM whose parameters are the given arrays (no copy, no random init)."""
+    graphdef, state = nnx.split(_abstract_model(config, backend, dtype))
+    nnx.replace_by_pure_dict(state, _nnx_keys(params, _pure_dict(state)))
+    return nnx.merge(graphdef, state)
+
+
+def random_params(config: ModelConfig, dtype, seed: int = 0) -> ParamTree:
+    """Random weights of the config's shapes, made on the default device in one jitted call."""
+
+    def init():
+        model = CausalLM(config, backend="xla", dtype=dtype, rngs=nnx.Rngs(seed))
+        return _pure_dict(nnx.state(model, nnx.Param))
+
+    return _stringify_keys(jax.jit(init)())

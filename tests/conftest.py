@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random HF models of every supported architecture, converted once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests must never write into the user's cache or reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_BASE = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.15,  # peaked logits, so greedy choices are not near-ties
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (transformers config class name, overrides)
+TINY_MODELS = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama3-rope-tied": (
+        "LlamaConfig",
+        dict(
+            tie_word_embeddings=True,
+            num_key_value_heads=1,
+            rope_theta=500000.0,
+            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=32),
+        ),
+    ),
+    "llama-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
+    "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=32)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32, use_sliding_window=False)),
+}
+
+
+def make_hf_model(name: str, folder: Path, seed: int = 0):
+    """Saves a random-weight HF model (float32 safetensors) into folder and returns it (torch, eval mode)."""
+    import torch
+    import transformers
+
+    config_cls, overrides = TINY_MODELS[name]
+    config = getattr(transformers, config_cls)(**{**_BASE, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """name -> (hf_model, hf_folder, converted_folder), built lazily and cached for the session."""
+    from convert.convert import convert_checkpoint
+
+    cache: dict[str, tuple] = {}
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            root = tmp_path_factory.mktemp(name)
+            model = make_hf_model(name, root / "hf")
+            convert_checkpoint(root / "hf", root / "converted", progress=False)
+            cache[name] = (model, root / "hf", root / "converted")
+            self[name] = cache[name]
+            return cache[name]
+
+    return Lazy()
+
+
+def default_model_gguf() -> Path:
+    from jpaged.model_files import default_model_source
+
+    return default_model_source()
