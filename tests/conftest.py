@@ -81,3 +81,20 @@ def default_model_gguf() -> Path:
     from jpaged.model_files import default_model_source
 
     return default_model_source()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jpaged_home(tmp_path_factory):
+    """Every test session converts into its own cache folder, never the user's."""
+    home = tmp_path_factory.mktemp("jpaged_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JPAGED_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="session")
+def default_llm(jpaged_home):
+    """The embedded default model, converted on first use (as a user would get it)."""
+    from jpaged import LLM
+
+    return LLM(max_num_seqs=8)
