@@ -24,6 +24,7 @@ def ragged_paged_attention_reference(
     cu_q_lens: jax.Array,
     *,
     scale: float,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Causal attention of a ragged batch of query tokens over a paged KV cache.
 
@@ -35,6 +36,7 @@ def ragged_paged_attention_reference(
       kv_lens: int32 [B] KV length of each sequence including this step's tokens.
       cu_q_lens: int32 [B + 1] cumulative query lengths (a sequence may have 0 tokens).
       scale: softmax scale, usually H ** -0.5.
+      sliding_window: if set, a query at position i sees only positions > i - sliding_window.
 
     Returns:
       [T, N, H] in q.dtype. Query j of sequence b sits at position kv_lens[b] - q_len[b] + j
@@ -60,6 +62,8 @@ def ragged_paged_attention_reference(
     scores = jnp.einsum("tkgh,tskh->tkgs", qg, k_tok.astype(jnp.float32)) * scale
     kv_pos = jnp.arange(max_kv)
     visible = (kv_pos[None, :] <= query_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None])
+    if sliding_window is not None:
+        visible &= kv_pos[None, :] > query_pos[:, None] - sliding_window
     scores = jnp.where(visible[:, None, None, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("tkgs,tskh->tkgh", probs, v_tok.astype(jnp.float32))

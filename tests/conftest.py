@@ -40,6 +40,7 @@ TINY_MODELS = {
     ),
     "llama-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
     "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=32)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=6)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32, use_sliding_window=False)),
 }

@@ -26,13 +26,13 @@ class AttentionMetadata:
     cu_q_lens: jax.Array  # int32 [B + 1] cumulative query lengths over the flat token axis
 
 
-# backend(q [T, N, H], k_pages, v_pages, metadata, scale) -> [T, N, H]
-AttentionBackend = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata, float], jax.Array]
+# backend(q [T, N, H], k_pages, v_pages, metadata, scale, sliding_window) -> [T, N, H]
+AttentionBackend = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata, float, int | None], jax.Array]
 
 
-def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float) -> jax.Array:
+def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> jax.Array:
     return ragged_paged_attention_reference(
-        q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens, scale=scale
+        q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens, scale=scale, sliding_window=sliding_window
     )
 
 
@@ -65,10 +65,17 @@ def write_kv(
 
 
 def paged_attention(
-    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *, scale: float, backend: str
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    backend: str,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """q [T, N, H] attending through meta's block tables -> [T, N, H]."""
-    return BACKENDS[backend](q, k_pages, v_pages, meta, scale)
+    return BACKENDS[backend](q, k_pages, v_pages, meta, scale, sliding_window)
 
 
 def alloc_kv_pools(

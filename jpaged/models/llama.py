@@ -74,7 +74,10 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        out = paged_attention(q, k_pages, v_pages, meta, scale=self.head_dim**-0.5, backend=self.backend)
+        out = paged_attention(
+            q, k_pages, v_pages, meta,
+            scale=self.head_dim**-0.5, backend=self.backend, sliding_window=self.config.sliding_window,
+        )
         return self.o_proj(out.reshape(num_tokens, -1)), (k_pages, v_pages)
 
 
