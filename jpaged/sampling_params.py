@@ -3,26 +3,78 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. Frozen; validated on construction."""
+    """How to pick tokens for one request. Frozen; validated on construction (ValueError names the field)."""
 
+    n: int = 1
+    """Completions per prompt, >= 1; they share the prompt's KV blocks."""
     temperature: float = 1.0
     """Softmax temperature, >= 0. 0 means greedy (argmax)."""
-    max_tokens: int = 16
-    """Most tokens to generate, >= 1. Generation also stops at the model's max length."""
-    ignore_eos: bool = False
-    """Keep generating past end-of-sequence tokens (benchmarks)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 keeps all."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one, in [0, 1]."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence in the output, in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """> 0; logits of tokens seen in prompt or output are divided (if positive) or multiplied by it; 1 = off."""
     seed: int | None = None
-    """Random seed of this request's sampling; None draws from the engine's generator."""
+    """Random seed of this request; None draws one from the engine's generator."""
+    max_tokens: int = 16
+    """Most tokens to generate, >= 1."""
+    min_tokens: int = 0
+    """End-of-sequence and stop tokens are not honoured before this many tokens, >= 0."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the output; the match is not included in the text."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the output (the token is kept in token_ids)."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens."""
+    logprobs: int | None = None
+    """Return the log-probability of each sampled token and of the top `logprobs` alternatives (0..20)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text."""
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+        def check(ok: bool, field: str, rule: str):
+            if not ok:
+                raise ValueError(f"{field} must be {rule}, got {getattr(self, field)!r}")
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        check(is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
+        check(is_num(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
+        check(is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1 = off)")
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
+        check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
+        check(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "> 0")
+        check(self.seed is None or is_int(self.seed), "seed", "an integer or None")
+        check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
+        check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+              "an integer in [0, max_tokens]")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
+        check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "non-negative token ids")
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
+              "None or an integer in [0, 20]")
 
     @property
     def is_greedy(self) -> bool:
