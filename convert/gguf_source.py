@@ -88,7 +88,7 @@ class GGUFSource:
             "max_position_embeddings": self._field(f"{a}.context_length", 2048),
             "tie_word_embeddings": "output.weight" not in self.tensor_names,
             "hidden_act": "silu",
-            "torch_dtype": "float32",
+            "dtype": "float32",
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
             "pad_token_id": self._field("tokenizer.ggml.padding_token_id"),

@@ -17,16 +17,20 @@ class EngineConfig:
     load_format: str = "auto"
     """auto: load the checkpoint's weights; dummy: random weights of the config's shapes."""
     max_model_len: int | None = None
-    """Longest sequence (prompt + output) in tokens; None = min(model's max positions, 4096)."""
+    """Longest sequence (prompt + output) in tokens; None = min(model's max positions, 2048)."""
     block_size: int = 16
     """Tokens per KV page (a power of two)."""
     num_kv_blocks: int | None = None
-    """KV pages per layer including the null page; None = sized from kv_cache_memory_gib."""
-    kv_cache_memory_gib: float = 1.0
-    """KV budget in GiB when num_kv_blocks is None."""
+    """KV pages per layer including the null page; None = sized from the memory budget."""
+    kv_cache_memory_gib: float | None = None
+    """KV budget in GiB; None = gpu_memory_utilization of an accelerator, or 2 GiB of host memory."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of accelerator memory jpaged may hold (weights + KV), in (0, 1]."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical prompt prefixes."""
     max_num_seqs: int = 16
     """Most sequences in one step."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 256
     """Token budget of one step (prefill chunks + decode tokens)."""
     attn_backend: str = "auto"
     """auto (pallas on GPU, xla on CPU), xla, pallas."""
@@ -43,6 +47,7 @@ class EngineConfig:
         check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1")
         check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size", "a power of two")
         check(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", ">= 2")
-        check(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib", "> 0")
+        check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "kv_cache_memory_gib", "> 0")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]")
         check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
         check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1")

@@ -7,10 +7,13 @@ import dataclasses
 
 @dataclasses.dataclass
 class CompletionOutput:
-    index: int
+    index: int  # which of the request's n completions
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (end of sequence), "length" (max_tokens or max length), None while running
+    finish_reason: str | None  # "stop" (end of sequence, stop token or string), "length", "abort"; None while running
+    # Per generated token: {token_id: logprob} for the sampled token and the top alternatives,
+    # when SamplingParams.logprobs is set.
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclasses.dataclass

@@ -39,6 +39,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def check_block(name: str, value: int) -> None:
+    """Triton blocks: powers of two, and >= 16 for the dot dimensions."""
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
 def whole(shape: tuple[int, ...]) -> pl.BlockSpec:
     """One block covering the whole array at every grid step (indexed inside the kernel).
 

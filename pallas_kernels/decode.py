@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
@@ -103,6 +102,7 @@ def paged_decode_attention_pallas(
     group = num_heads // num_kv_heads
     group_pad = max(16, _common.next_pow2(group))  # Triton dots need M >= 16
     block_kv = block_kv or default_block_kv(head_dim)
+    _common.check_block("block_kv", block_kv)
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, pages_per_seq * page_size, block_kv)
 
@@ -190,6 +190,8 @@ def paged_decode_attention(
     _common.check_pool(k_pages, v_pages, q)
     _common.check_window(sliding_window)
     batch = q.shape[0]
+    if batch < 1:
+        raise ValueError(f"need at least one sequence, got q {q.shape}")
     if block_tables.ndim != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"block_tables must be [B={batch}, max_pages], got shape {block_tables.shape}")
     _common.check_int_array("block_tables", block_tables, block_tables.shape)

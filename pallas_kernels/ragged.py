@@ -136,7 +136,7 @@ def ragged_paged_attention_pallas(
     rows_per_tile: int = _ROWS_PER_TILE,
     block_kv: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
 ) -> jax.Array:
@@ -149,8 +149,12 @@ def ragged_paged_attention_pallas(
     rows = max(16, rows_per_tile, group_pad)  # Triton dots need M >= 16
     block_q = rows // group_pad
     block_kv = block_kv or (64 if head_dim >= 128 else 128)
+    _common.check_block("rows_per_tile", rows)
+    _common.check_block("block_kv", block_kv)
     if num_splits is None:
         num_splits = default_num_splits(num_tokens)
+    if num_warps is None:  # the f32 accumulator [M, H] must fit in registers
+        num_warps = 4 if rows * head_dim <= 64 * 128 else 8
     num_tiles = pl.cdiv(num_tokens, block_q) + num_seqs
 
     tile_seq, tile_idx = tile_table(cu_q_lens, block_q, num_tiles)
@@ -247,6 +251,10 @@ def ragged_paged_attention(
     if block_tables.ndim != 2:
         raise ValueError(f"block_tables must be [S, max_pages], got shape {block_tables.shape}")
     num_seqs = block_tables.shape[0]
+    if num_seqs < 1 or q.shape[0] < 1:
+        raise ValueError(
+            f"need at least one sequence and one token, got block_tables {block_tables.shape}, q {q.shape}"
+        )
     _common.check_int_array("block_tables", block_tables, block_tables.shape)
     _common.check_int_array("kv_lens", kv_lens, (num_seqs,))
     _common.check_int_array("cu_q_lens", cu_q_lens, (num_seqs + 1,))

@@ -54,7 +54,7 @@ def make_hf_model(name: str, folder: Path, seed: int = 0):
     config_cls, overrides = TINY_MODELS[name]
     config = getattr(transformers, config_cls)(**{**_BASE, **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(folder, safe_serialization=True)
     return model
 
@@ -98,4 +98,22 @@ def default_llm(jpaged_home):
     """The embedded default model, converted on first use (as a user would get it)."""
     from jpaged import LLM
 
-    return LLM(max_num_seqs=8)
+    return LLM(max_num_seqs=8, max_model_len=512, max_num_batched_tokens=128)
+
+
+def make_chunk(token_ids, start, block_ids, *, params=None, seed=0, history=None):
+    """A ScheduledChunk as the scheduler would build it (greedy unless params say otherwise)."""
+    import numpy as np
+
+    from jpaged.core.scheduler import ScheduledChunk
+    from jpaged.sampling_params import SamplingParams
+
+    token_ids = np.asarray(token_ids, np.int32)
+    if history is None:
+        history = np.zeros(start + len(token_ids), np.int32)
+        history[start:] = token_ids
+    return ScheduledChunk(
+        req_id="r", token_ids=token_ids, start=start, block_ids=np.asarray(block_ids, np.int32), samples=True,
+        params=params or SamplingParams(temperature=0.0), seed=seed, history=np.asarray(history, np.int32),
+        num_prompt_tokens=start + len(token_ids),
+    )

@@ -8,7 +8,7 @@ from jpaged.cli import main
 @pytest.mark.default_model
 def test_generate_prints_completion_and_throughput(default_llm, capsys):
     rc = main(["generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "16",
-               "--max-num-seqs", "8", "--no-progress"])
+               "--max-num-seqs", "8", "--max-model-len", "512", "--max-num-batched-tokens", "128", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "Paris" in out

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jpaged import SamplingParams
-from jpaged.runner.batch import SeqChunk, build_batch
-from tests.conftest import default_model_gguf
+from jpaged.runner.batch import build_batch
+from tests.conftest import default_model_gguf, make_chunk
 
 pytestmark = pytest.mark.default_model
 
@@ -55,10 +55,10 @@ def test_greedy_continuations_match_hf(default_llm, hf_model, prompt_ids):
 
 def test_prefill_logits_match_hf(default_llm, hf_model, prompt_ids):
     ids = prompt_ids[0]
-    spec = default_llm.spec
-    batch = build_batch([SeqChunk(np.array(ids, np.int32), 0, np.arange(1, 1 + spec.page_buckets[-1], dtype=np.int32))], spec)
+    runner = default_llm.engine.runner
+    batch = build_batch([make_chunk(ids, 0, np.arange(1, 1 + runner.spec.page_buckets[-1]))], runner.spec)
     batch = dataclasses.replace(batch, logits_indices=np.arange(len(ids), dtype=np.int32))
-    ours = default_llm.runner.logits(batch)
+    ours = runner.logits(batch)
     with torch.no_grad():
         ref = hf_model(torch.tensor([ids])).logits[0].numpy()
     err = np.linalg.norm(ours - ref) / np.linalg.norm(ref)

@@ -40,14 +40,6 @@ def test_batched_chunked_generation_matches_hf(tiny):
         assert out.outputs[0].finish_reason == "length"
 
 
-def test_generation_stops_at_max_model_len(tiny):
-    llm, hf_model = tiny
-    prompt = list(range(3, 53))  # 50 tokens, max_model_len 64
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(hf_model, prompt, 14)
-    assert out.outputs[0].finish_reason == "length"
-
-
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
     llm, _ = tiny
     p = SamplingParams(temperature=1.0, max_tokens=16, seed=1234, ignore_eos=True)
@@ -61,7 +53,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
 
 @pytest.mark.parametrize(
     "prompt, message",
-    [([], "empty"), (list(range(64)), "max_model_len"), ([1, 160], "outside"), (3.5, "must be a str")],
+    [([], "prompt 0: the prompt is empty"), (list(range(64)), "maximum context length is 64"),
+     ([1, 160], "outside"), (3.5, "must be a str")],
 )
 def test_bad_prompts_raise(tiny, prompt, message):
     with pytest.raises(ValueError, match=message):
@@ -93,6 +86,7 @@ def test_kv_pool_too_small_for_max_model_len_names_the_largest_fit(tiny_models):
 def test_dummy_weights_from_config_alone(tiny_models):
     _, hf_folder, _ = tiny_models["qwen3"]
     llm = LLM(str(hf_folder / "config.json"), load_format="dummy", max_model_len=32)
+    assert llm.get_tokenizer() is None
     out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 7 and all(0 <= t < 160 for t in out.outputs[0].token_ids)
 
@@ -111,6 +105,10 @@ def test_default_model_prompt_forms_and_stop(default_llm):
     forced = default_llm.generate([chat_ids], SamplingParams(temperature=0, max_tokens=len(answer.token_ids) + 3,
                                                              ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert forced.finish_reason == "length" and forced.token_ids[: len(answer.token_ids)] == answer.token_ids
+
+    cut = default_llm.generate([chat_ids], SamplingParams(temperature=0, max_tokens=24, stop=["Paris"]),
+                               use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == answer.text[: answer.text.index("Paris")]
 
     text = tok.decode(chat_ids)
     by_text = default_llm.generate(text, greedy, use_tqdm=False)[0]

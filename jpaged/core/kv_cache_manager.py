@@ -32,7 +32,7 @@ class KVCacheManager:
         """The chained hashes of the request's full blocks, extended as tokens arrive."""
         hashes, bs, tokens = req.block_hashes, self.block_size, req.all_token_ids
         for i in range(len(hashes), len(tokens) // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs])))
+            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs].tolist())))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

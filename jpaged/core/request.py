@@ -6,6 +6,8 @@ import dataclasses
 import enum
 import time
 
+import numpy as np
+
 from jpaged.core.block_pool import BlockHash
 from jpaged.sampling_params import SamplingParams
 
@@ -34,27 +36,36 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_preemptions: int = 0
-    all_token_ids: list[int] = dataclasses.field(init=False)  # prompt + output, appended in place
     block_hashes: list[BlockHash] = dataclasses.field(default_factory=list)  # of its full blocks, chained
+    # prompt + output tokens in one preallocated buffer, so batches slice it without Python loops
+    token_buf: np.ndarray = dataclasses.field(init=False, repr=False)
+    num_tokens: int = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.all_token_ids = list(self.prompt_token_ids)
+        self.token_buf = np.empty(len(self.prompt_token_ids) + self.sampling_params.max_tokens, np.int32)
+        self.token_buf[: len(self.prompt_token_ids)] = self.prompt_token_ids
+        self.num_tokens = len(self.prompt_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_buf[self.num_tokens] = token_id
+        self.num_tokens += 1
+
+    @property
+    def all_token_ids(self) -> np.ndarray:
+        """int32 [num_tokens] view: prompt then output."""
+        return self.token_buf[: self.num_tokens]
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens :]
+        return self.token_buf[self.num_prompt_tokens : self.num_tokens].tolist()
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def max_total_tokens(self) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from jpaged.core.kv_cache_manager import KVCacheManager, cdiv
 from jpaged.core.request import Request, RequestStatus
+from jpaged.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +32,22 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledChunk:
-    """One request's share of a step."""
+    """One request's share of a step: everything the runner needs, nothing it may change."""
 
     req_id: str
     token_ids: np.ndarray  # int32 [n] the tokens whose K/V this step computes
     start: int  # position of token_ids[0]
     block_ids: np.ndarray  # int32 [pages] the request's blocks, covering start + n tokens
     samples: bool  # the chunk reaches the last known token, so its logits pick a new one
-    sample_index: int  # output tokens so far (varies the request's random stream)
+    params: SamplingParams
+    seed: int
+    history: np.ndarray  # int32 [start + n] prompt + output tokens (penalties read it)
+    num_prompt_tokens: int
+
+    @property
+    def sample_index(self) -> int:
+        """Output tokens so far: the position in the request's random stream."""
+        return len(self.history) - self.num_prompt_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +144,14 @@ class Scheduler:
         start = req.num_computed_tokens
         return ScheduledChunk(
             req_id=req.req_id,
-            token_ids=np.asarray(req.all_token_ids[start : start + n], np.int32),
+            token_ids=req.token_buf[start : start + n].copy(),
             start=start,
             block_ids=np.asarray(self.kv.block_ids(req.req_id), np.int32),
             samples=start + n == req.num_tokens,
-            sample_index=req.num_output_tokens,
+            params=req.sampling_params,
+            seed=req.seed,
+            history=req.all_token_ids,  # a view: later appends fall outside it
+            num_prompt_tokens=req.num_prompt_tokens,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -162,7 +174,7 @@ class Scheduler:
             req.num_computed_tokens += len(chunk.token_ids)
             if not chunk.samples:
                 continue
-            req.all_token_ids.append(token)
+            req.append_token(token)
             status = self._stop_status(req, token, eos_token_ids)
             if status is not None:
                 self.finish(req.req_id, status)

@@ -8,6 +8,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import ragged_paged_attention
 from pallas_kernels.reference import ragged_paged_attention_reference
 
 
@@ -36,7 +37,16 @@ def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sli
     )
 
 
-BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend}
+def _pallas_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> jax.Array:
+    # Off a GPU the kernel runs in the Pallas interpreter: correct but slow, for tests only.
+    out = ragged_paged_attention(
+        q.astype(k_pages.dtype), k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens,
+        scale=scale, sliding_window=sliding_window, interpret=jax.default_backend() != "gpu",
+    )
+    return out.astype(q.dtype)
+
+
+BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_backend}
 
 
 def resolve_backend(name: str) -> str:

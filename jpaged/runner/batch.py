@@ -1,4 +1,4 @@
-"""Host-side batch building: the plan of one step -> padded numpy arrays for the jitted step."""
+"""Host-side batch building: a step's plan -> numpy arrays padded to the step's buckets."""
 
 from __future__ import annotations
 
@@ -7,20 +7,10 @@ import dataclasses
 import jax
 import numpy as np
 
+from jpaged.core.scheduler import ScheduledChunk
 from jpaged.models.attention import AttentionMetadata
 from jpaged.runner.buckets import pick_bucket
-
-
-@dataclasses.dataclass(frozen=True)
-class SeqChunk:
-    """One sequence's share of a step: tokens [start, start + len(token_ids)) of the sequence."""
-
-    token_ids: np.ndarray  # int32 [n] tokens whose K/V this step computes
-    start: int  # position of token_ids[0] (= tokens already in the cache)
-    block_table: np.ndarray  # int32 [pages] the sequence's pages, enough for start + n tokens
-    temperature: float = 0.0
-    seed: int = 0
-    sample_index: int = 0  # how many tokens this sequence has sampled so far (varies its random stream)
+from jpaged.runner.sampler import SamplingArrays
 
 
 @jax.tree_util.register_dataclass
@@ -32,21 +22,39 @@ class BatchInputs:
     positions: np.ndarray  # int32 [T]
     meta: AttentionMetadata
     logits_indices: np.ndarray  # int32 [B] flat index of each sequence's last token this step
-    temperature: np.ndarray  # float32 [B] 0 = greedy
-    seeds: np.ndarray  # uint32 [B]
-    sample_index: np.ndarray  # int32 [B]
+    sampling: SamplingArrays
 
 
 @dataclasses.dataclass(frozen=True)
 class BucketSpec:
+    """The fixed shapes a step may take. B follows T (min(T, largest B bucket)) to keep warm-up short."""
+
     token_buckets: tuple[int, ...]  # T
-    seq_buckets: tuple[int, ...]  # B
+    max_num_seqs_bucket: int  # largest B
     page_buckets: tuple[int, ...]  # P, the last one enough for max_model_len
     page_size: int  # L
     num_pages: int  # NP; slot NP * L is the "drop" slot for padding tokens
 
+    @property
+    def history_len(self) -> int:
+        """Width of the sampler's token-history rows: the longest sequence, so it never recompiles."""
+        return self.page_buckets[-1] * self.page_size
 
-def build_batch(chunks: list[SeqChunk], spec: BucketSpec) -> BatchInputs:
+    def seq_bucket(self, t_pad: int) -> int:
+        return min(t_pad, self.max_num_seqs_bucket)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (T, B, P) a step can have: what warm-up compiles."""
+        return [(t, self.seq_bucket(t), p) for t in self.token_buckets for p in self.page_buckets]
+
+
+def _padded(values, size: int, fill, dtype) -> np.ndarray:
+    out = np.full(size, fill, dtype)
+    out[: len(values)] = values
+    return out
+
+
+def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
     """Lays chunks end to end and pads every array to its bucket.
 
     Padding tokens write to the drop slot and belong to no sequence; padding sequences have
@@ -55,11 +63,14 @@ def build_batch(chunks: list[SeqChunk], spec: BucketSpec) -> BatchInputs:
     lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int32)
     num_tokens, num_seqs = int(lens.sum()), len(chunks)
     t_pad = pick_bucket(num_tokens, spec.token_buckets)
-    b_pad = pick_bucket(num_seqs, spec.seq_buckets)
+    b_pad = spec.seq_bucket(t_pad)
+    if num_seqs > b_pad:
+        raise ValueError(f"{num_seqs} sequences exceed the batch bucket {b_pad}")
     starts = np.array([c.start for c in chunks], dtype=np.int32)
+    kv_lens = starts + lens
     # Block tables only as wide as this step's longest context: the XLA attention gathers every
     # page of the table, so a full max_model_len table would multiply its work.
-    p_pad = pick_bucket(int(-(-(starts + lens).max() // spec.page_size)), spec.page_buckets)
+    p_pad = pick_bucket(int(-(-kv_lens.max() // spec.page_size)), spec.page_buckets)
 
     cu_q_lens = np.zeros(b_pad + 1, np.int32)
     cu_q_lens[1 : num_seqs + 1] = np.cumsum(lens)
@@ -68,29 +79,61 @@ def build_batch(chunks: list[SeqChunk], spec: BucketSpec) -> BatchInputs:
     positions = starts[seq_of_token] + (np.arange(num_tokens) - cu_q_lens[seq_of_token])
 
     block_tables = np.zeros((b_pad, p_pad), np.int32)
+    history = np.full((b_pad, spec.history_len), -1, np.int32)
     for i, c in enumerate(chunks):
-        used = c.block_table[:p_pad]
+        used = c.block_ids[:p_pad]
         block_tables[i, : len(used)] = used
+        history[i, : len(c.history)] = c.history
     pages = block_tables[seq_of_token, positions // spec.page_size]
     drop_slot = spec.num_pages * spec.page_size
 
-    def padded(values, size, fill, dtype):
-        out = np.full(size, fill, dtype)
-        out[: len(values)] = values
-        return out
+    def per_seq(field: str, fill, dtype) -> np.ndarray:
+        return _padded([getattr(c.params, field) for c in chunks], b_pad, fill, dtype)
 
-    kv_lens = padded(starts + lens, b_pad, 0, np.int32)
     return BatchInputs(
-        token_ids=padded(np.concatenate([c.token_ids for c in chunks]), t_pad, 0, np.int32),
-        positions=padded(positions, t_pad, 0, np.int32),
+        token_ids=_padded(np.concatenate([c.token_ids for c in chunks]), t_pad, 0, np.int32),
+        positions=_padded(positions, t_pad, 0, np.int32),
         meta=AttentionMetadata(
-            slot_mapping=padded(pages * spec.page_size + positions % spec.page_size, t_pad, drop_slot, np.int32),
+            slot_mapping=_padded(pages * spec.page_size + positions % spec.page_size, t_pad, drop_slot, np.int32),
             block_tables=block_tables,
-            kv_lens=kv_lens,
+            kv_lens=_padded(kv_lens, b_pad, 0, np.int32),
             cu_q_lens=cu_q_lens,
         ),
-        logits_indices=padded(cu_q_lens[1 : num_seqs + 1] - 1, b_pad, 0, np.int32),
-        temperature=padded([c.temperature for c in chunks], b_pad, 0.0, np.float32),
-        seeds=padded([c.seed for c in chunks], b_pad, 0, np.uint32),
-        sample_index=padded([c.sample_index for c in chunks], b_pad, 0, np.int32),
+        logits_indices=_padded(cu_q_lens[1 : num_seqs + 1] - 1, b_pad, 0, np.int32),
+        sampling=SamplingArrays(
+            temperature=per_seq("temperature", 0.0, np.float32),
+            top_k=per_seq("top_k", 0, np.int32),
+            top_p=per_seq("top_p", 1.0, np.float32),
+            min_p=per_seq("min_p", 0.0, np.float32),
+            presence_penalty=per_seq("presence_penalty", 0.0, np.float32),
+            frequency_penalty=per_seq("frequency_penalty", 0.0, np.float32),
+            repetition_penalty=per_seq("repetition_penalty", 1.0, np.float32),
+            seeds=_padded([c.seed for c in chunks], b_pad, 0, np.uint32),
+            sample_index=_padded([c.sample_index for c in chunks], b_pad, 0, np.int32),
+            history=history,
+            prompt_lens=_padded([c.num_prompt_tokens for c in chunks], b_pad, 0, np.int32),
+        ),
+    )
+
+
+def dummy_batch(spec: BucketSpec, t_pad: int, b_pad: int, p_pad: int) -> BatchInputs:
+    """An all-padding batch of the given shape (warm-up): every token writes to the drop slot."""
+    z = lambda n, dtype=np.int32: np.zeros(n, dtype)  # noqa: E731
+    return BatchInputs(
+        token_ids=z(t_pad),
+        positions=z(t_pad),
+        meta=AttentionMetadata(
+            slot_mapping=np.full(t_pad, spec.num_pages * spec.page_size, np.int32),
+            block_tables=np.zeros((b_pad, p_pad), np.int32),
+            kv_lens=z(b_pad),
+            cu_q_lens=z(b_pad + 1),
+        ),
+        logits_indices=z(b_pad),
+        sampling=SamplingArrays(
+            temperature=z(b_pad, np.float32), top_k=z(b_pad), top_p=np.ones(b_pad, np.float32),
+            min_p=z(b_pad, np.float32), presence_penalty=z(b_pad, np.float32),
+            frequency_penalty=z(b_pad, np.float32), repetition_penalty=np.ones(b_pad, np.float32),
+            seeds=z(b_pad, np.uint32), sample_index=z(b_pad),
+            history=np.full((b_pad, spec.history_len), -1, np.int32), prompt_lens=z(b_pad),
+        ),
     )

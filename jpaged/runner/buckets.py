@@ -5,12 +5,12 @@ from __future__ import annotations
 import bisect
 
 
-def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to and including `largest` (itself added if not a power of two)."""
+def power_of_two_buckets(smallest: int, largest: int, factor: int = 2) -> tuple[int, ...]:
+    """smallest * factor**i up to and including `largest` (itself added if not on the ladder)."""
     buckets, size = [], smallest
     while size < largest:
         buckets.append(size)
-        size *= 2
+        size *= factor
     buckets.append(largest)
     return tuple(buckets)
 

@@ -5,7 +5,7 @@ from jpaged.core.request import Request
 from jpaged.sampling_params import SamplingParams
 
 
-def req(req_id, tokens, max_tokens=4):
+def req(req_id, tokens, max_tokens=8):
     return Request(req_id, list(tokens), SamplingParams(max_tokens=max_tokens), seed=0)
 
 
@@ -15,7 +15,8 @@ def test_allocation_grows_by_whole_blocks():
     assert [b.block_id for b in kv.allocate_slots(r, 10)] == [1, 2, 3]
     r.num_computed_tokens = 10
     assert kv.allocate_slots(r, 2) == []  # 12 tokens still fit in 3 blocks
-    r.all_token_ids += [100, 101, 102]
+    for t in (100, 101, 102):
+        r.append_token(t)
     assert [b.block_id for b in kv.allocate_slots(r, 3)] == [4]
     assert kv.block_ids("a") == [1, 2, 3, 4]
     assert kv.pool.num_free == 5

@@ -12,10 +12,10 @@ import torch
 from jpaged import checkpoint
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import build_model
-from jpaged.runner.batch import BucketSpec, SeqChunk, build_batch
+from jpaged.runner.batch import BucketSpec, build_batch
 from jpaged.runner.buckets import power_of_two_buckets
 from jpaged.runner.model_runner import ModelRunner
-from tests.conftest import TINY_MODELS
+from tests.conftest import TINY_MODELS, make_chunk
 
 PAGE_SIZE = 4  # small pages so every sequence spans several, in shuffled order
 NUM_PAGES = 64
@@ -32,17 +32,14 @@ class PagedDriver:
     def __init__(self, folder, rng: np.random.Generator):
         config = ModelConfig.from_file(folder / "config.json")
         params = checkpoint.load_params(folder, config, jnp.float32)
-        self.runner = ModelRunner(
-            build_model(config, params, dtype=jnp.float32), num_pages=NUM_PAGES, page_size=PAGE_SIZE, kv_dtype=jnp.float32
-        )
-        self.spec = BucketSpec(power_of_two_buckets(16, 256), power_of_two_buckets(8, 8),
-                               power_of_two_buckets(8, 64), PAGE_SIZE, NUM_PAGES)
+        self.spec = BucketSpec(power_of_two_buckets(16, 256), 8, power_of_two_buckets(8, 64), PAGE_SIZE, NUM_PAGES)
+        self.runner = ModelRunner(build_model(config, params, dtype=jnp.float32), self.spec, kv_dtype=jnp.float32)
         self.pages = rng.permutation(np.arange(1, NUM_PAGES)).astype(np.int32)
 
     def block_table(self, i: int) -> np.ndarray:
         return self.pages[i * 16 : (i + 1) * 16]  # 16 pages = 64 tokens per sequence
 
-    def run(self, chunks: list[SeqChunk], all_positions: bool) -> np.ndarray:
+    def run(self, chunks, all_positions: bool) -> np.ndarray:
         batch = build_batch(chunks, self.spec)
         if all_positions:
             n = sum(len(c.token_ids) for c in chunks)
@@ -58,7 +55,7 @@ def test_prefill_and_decode_match_hf(name, tiny_models):
     vocab = hf_model.config.vocab_size
     # Three prompts of lengths around page boundaries, prefilled together in one ragged batch.
     prompts = [rng.integers(3, vocab, size=n).tolist() for n in (5, 8, 13)]
-    chunks = [SeqChunk(np.array(p, np.int32), 0, driver.block_table(i)) for i, p in enumerate(prompts)]
+    chunks = [make_chunk(p, 0, driver.block_table(i)) for i, p in enumerate(prompts)]
     prefill = driver.run(chunks, all_positions=True)  # [sum(lens), V]
 
     seqs = [list(p) for p in prompts]
@@ -69,7 +66,7 @@ def test_prefill_and_decode_match_hf(name, tiny_models):
         chunks = []
         for i, tok in enumerate(next_ids):
             seqs[i].append(int(tok))
-            chunks.append(SeqChunk(np.array([tok], np.int32), len(seqs[i]) - 1, driver.block_table(i)))
+            chunks.append(make_chunk([tok], len(seqs[i]) - 1, driver.block_table(i)))
         logits = driver.run(chunks, all_positions=False)[: len(prompts)]
         for i in range(len(prompts)):
             decode_logits[i].append(logits[i])

@@ -3,18 +3,22 @@
 import numpy as np
 import pytest
 
-from jpaged.runner.batch import BucketSpec, SeqChunk, build_batch
+from jpaged.runner.batch import BucketSpec, build_batch
 from jpaged.runner.buckets import pick_bucket, power_of_two_buckets
+from jpaged.sampling_params import SamplingParams
+from tests.conftest import make_chunk
 
-SPEC = BucketSpec(token_buckets=(8, 16), seq_buckets=(4, 8), page_buckets=(2, 4, 8), page_size=4, num_pages=20)
+SPEC = BucketSpec(token_buckets=(8, 16), max_num_seqs_bucket=4, page_buckets=(2, 8), page_size=4, num_pages=20)
 
 
 def test_two_sequences_prefill_chunk_and_decode():
     # seq 0 decodes its token at position 5 (page 7 slot 1 -> 7*4+1); seq 1 prefills positions 2..4
+    hot = SamplingParams(temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repetition_penalty=1.2)
     chunks = [
-        SeqChunk(np.array([11]), start=5, block_table=np.array([3, 7]), temperature=0.5, seed=9, sample_index=2),
-        SeqChunk(np.array([21, 22, 23]), start=2, block_table=np.array([12, 4])),
+        make_chunk([11], 5, [3, 7], params=hot, seed=9, history=[1, 2, 3, 4, 50, 11]),
+        make_chunk([21, 22, 23], 2, [12, 4]),
     ]
+    chunks[0] = chunks[0].__class__(**{**chunks[0].__dict__, "num_prompt_tokens": 4})
     b = build_batch(chunks, SPEC)
     np.testing.assert_array_equal(b.token_ids, [11, 21, 22, 23, 0, 0, 0, 0])
     np.testing.assert_array_equal(b.positions, [5, 2, 3, 4, 0, 0, 0, 0])
@@ -24,14 +28,29 @@ def test_two_sequences_prefill_chunk_and_decode():
     np.testing.assert_array_equal(b.meta.kv_lens, [6, 5, 0, 0])
     np.testing.assert_array_equal(b.meta.cu_q_lens, [0, 1, 4, 4, 4])
     np.testing.assert_array_equal(b.logits_indices, [0, 3, 0, 0])
-    np.testing.assert_array_equal(b.temperature, [0.5, 0, 0, 0])
-    np.testing.assert_array_equal(b.seeds, [9, 0, 0, 0])
-    np.testing.assert_array_equal(b.sample_index, [2, 0, 0, 0])
+    s = b.sampling
+    np.testing.assert_allclose(s.temperature, [0.5, 0, 0, 0])
+    np.testing.assert_array_equal(s.top_k, [3, 0, 0, 0])
+    np.testing.assert_allclose(s.top_p, [0.9, 1, 1, 1])
+    np.testing.assert_allclose(s.repetition_penalty, [1.2, 1, 1, 1])
+    np.testing.assert_array_equal(s.seeds, [9, 0, 0, 0])
+    np.testing.assert_array_equal(s.sample_index, [2, 0, 0, 0])  # 6 tokens so far, 4 of them prompt
+    np.testing.assert_array_equal(s.prompt_lens, [4, 5, 0, 0])
+    assert s.history.shape == (4, 32)  # always the longest sequence, so the sampler never recompiles
+    np.testing.assert_array_equal(s.history[0, :7], [1, 2, 3, 4, 50, 11, -1])
+    np.testing.assert_array_equal(s.history[1, :6], [0, 0, 21, 22, 23, -1])
+
+
+def test_block_table_width_follows_longest_context():
+    b = build_batch([make_chunk(range(9), 0, [1, 2, 3])], SPEC)
+    assert b.meta.block_tables.shape == (4, 8)  # 3 pages -> the 8-page bucket; 9 tokens -> T=16, B=min(16, 4)
+    assert SPEC.shapes() == [(8, 4, 2), (8, 4, 8), (16, 4, 2), (16, 4, 8)]
 
 
 def test_buckets():
     assert power_of_two_buckets(16, 100) == (16, 32, 64, 100)
     assert power_of_two_buckets(8, 8) == (8,)
+    assert power_of_two_buckets(8, 256, factor=4) == (8, 32, 128, 256)
     assert [pick_bucket(n, (8, 16)) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
     with pytest.raises(ValueError, match="exceeds"):
         pick_bucket(17, (8, 16))

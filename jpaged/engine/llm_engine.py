@@ -1,0 +1,241 @@
+"""LLMEngine: requests in, RequestOutputs out, one scheduled step at a time.
+
+    add_request -> Scheduler (KV manager) -> build_batch -> ModelRunner (model + sampler)
+                -> Scheduler.update_from_output -> detokenizer / stop strings -> RequestOutput
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from jpaged.config import EngineConfig
+from jpaged.core.request import Request, RequestStatus
+from jpaged.core.scheduler import Scheduler, SchedulerConfig
+from jpaged.engine.detokenizer import IncrementalDetokenizer
+from jpaged.engine.model_loading import bucket_spec, enable_compilation_cache, load_model, max_model_len
+from jpaged.models.attention import resolve_backend
+from jpaged.models.params import build_model
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.runner.batch import build_batch
+from jpaged.runner.model_runner import ModelRunner
+from jpaged.sampling_params import SamplingParams
+
+logger = logging.getLogger("jpaged")
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Completion:
+    """One of a request's n sequences, as the engine tracks its output."""
+
+    index: int
+    sched_id: str  # the scheduler's request id
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Tracked:
+    req_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        enable_compilation_cache()
+        start = time.perf_counter()
+        loaded = load_model(config)
+        self.model_config, self.tokenizer, self.model_dir = loaded.config, loaded.tokenizer, loaded.folder
+        self.max_model_len = max_model_len(config, loaded.config)
+        spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype)
+        backend = resolve_backend(config.attn_backend)
+        model = build_model(loaded.config, loaded.params, backend=backend, dtype=loaded.dtype)
+        self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
+            max_num_batched_tokens=spec.token_buckets[-1],
+            max_model_len=self.max_model_len,
+            block_size=config.block_size,
+            num_blocks=spec.num_pages,
+            enable_prefix_caching=config.enable_prefix_caching,
+        ))
+        self.load_seconds = time.perf_counter() - start
+        self.warmup_seconds = self.runner.warm_up()
+        self._compiles_at_warmup = self.runner.num_compiles
+        self.kv_capacity_tokens = (spec.num_pages - 1) * config.block_size
+        logger.info(
+            "loaded %s (%s, %.1fM params, %s, attention %s) in %.1fs; KV cache: %d blocks = %d tokens; "
+            "warm-up compiled %d shapes in %.1fs",
+            self.model_dir.name, self.model_config.architecture, self.model_config.num_params() / 1e6,
+            loaded.dtype.name, backend, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
+            len(spec.shapes()), self.warmup_seconds,
+        )
+        self.eos_token_ids = self._eos_token_ids()
+        self._rng = np.random.default_rng(config.seed)
+        self._tracked: dict[str, _Tracked] = {}
+        self._owner: dict[str, tuple[_Tracked, _Completion]] = {}  # by scheduler request id
+        self._num_real_tokens = 0
+        self._num_padded_tokens = 0
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        gen_config = self.model_dir / "generation_config.json"
+        if gen_config.is_file():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # -- requests -------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt given as text, token ids or a dict of either."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompts as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise ValueError(f"a prompt must be a str, a list of token ids or a dict with prompt_token_ids, got {prompt!r:.80}")
+
+    def add_request(
+        self, req_id: str, prompt: PromptType, params: SamplingParams | None = None, *, priority: int = 0
+    ) -> None:
+        """Queues a request; raises ValueError (nothing queued) if it is invalid or can never fit."""
+        params = params or SamplingParams()
+        if req_id in self._tracked:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"the prompt has token ids outside [0, {vocab})")
+        self.scheduler.check_fits(len(ids), params.max_tokens)
+        arrival = time.monotonic()
+        tracked = _Tracked(req_id, text, ids, params, [])
+        for i in range(params.n):
+            seed = self._child_seed(params.seed, i)
+            sched_id = req_id if params.n == 1 else f"{req_id}#{i}"
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                                               stop=params.stop)
+            completion = _Completion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None)
+            tracked.completions.append(completion)
+            # Siblings arrive together; the later ones find the first one's prompt blocks in the prefix cache.
+            self.scheduler.add_request(Request(sched_id, ids, params, seed, priority=priority, arrival_time=arrival))
+            self._owner[sched_id] = (tracked, completion)
+        self._tracked[req_id] = tracked
+
+    def _child_seed(self, seed: int | None, index: int) -> int:
+        if seed is None:
+            return int(self._rng.integers(2**31))
+        return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
+
+    def abort(self, req_id: str) -> None:
+        """Ends a request now; its KV blocks are freed at once."""
+        tracked = self._tracked.pop(req_id, None)
+        if tracked is None:
+            return
+        for c in tracked.completions:
+            self.scheduler.finish(c.sched_id, RequestStatus.FINISHED_ABORTED)
+            self._owner.pop(c.sched_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns the (cumulative) outputs of requests that advanced."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        batch = build_batch(plan.chunks, self.runner.spec)
+        result = self.runner.step(batch)
+        self._num_real_tokens += plan.num_tokens
+        self._num_padded_tokens += len(batch.token_ids)
+        finished = {f.req_id: f.status for f in self.scheduler.update_from_output(
+            plan, result.token_ids[: len(plan.chunks)], self.eos_token_ids)}
+
+        advanced: dict[str, _Tracked] = {}
+        for row, chunk in enumerate(plan.chunks):
+            if not chunk.samples:
+                continue
+            tracked, completion = self._owner[chunk.req_id]
+            token = int(result.token_ids[row])
+            completion.token_ids.append(token)
+            if completion.logprobs is not None:
+                k = tracked.params.logprobs
+                entry = {token: float(result.logprobs[row])}
+                entry.update(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist()))
+                completion.logprobs.append(entry)
+            status = finished.get(chunk.req_id)
+            if completion.detokenizer is not None:
+                completion.detokenizer.append(token)
+                if completion.detokenizer.stopped and status is None:
+                    status = RequestStatus.FINISHED_STOPPED
+                    self.scheduler.finish(chunk.req_id, status)
+            if status is not None:
+                completion.finish_reason = status.value
+                self._owner.pop(chunk.req_id, None)
+            advanced[tracked.req_id] = tracked
+
+        outputs = []
+        for tracked in advanced.values():
+            out = self._request_output(tracked)
+            if out.finished:
+                del self._tracked[tracked.req_id]
+            outputs.append(out)
+        return outputs
+
+    def _request_output(self, tracked: _Tracked) -> RequestOutput:
+        completions = []
+        for c in tracked.completions:
+            done = c.finish_reason is not None
+            text = c.detokenizer.visible_text(done) if c.detokenizer is not None else ""
+            completions.append(CompletionOutput(
+                c.index, text, list(c.token_ids), c.finish_reason,
+                None if c.logprobs is None else list(c.logprobs),
+            ))
+        finished = all(c.finish_reason is not None for c in tracked.completions)
+        return RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished)
+
+    # -- stats ----------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, float]:
+        kv, sched = self.scheduler.kv, self.scheduler
+        slots = sum(len(kv.req_blocks.get(r.req_id, ())) for r in sched.running) * self.config.block_size
+        used = sum(r.num_computed_tokens for r in sched.running)
+        return {
+            "kv_blocks_total": kv.pool.num_blocks,
+            "kv_blocks_free": kv.pool.num_free,
+            "kv_cache_usage": kv.usage,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+            "kv_slots_allocated": slots,  # of running requests; vs kv_tokens_used: the waste of partial blocks
+            "kv_tokens_used": used,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "num_preemptions": sched.num_preemptions,
+            "num_requests_running": len(sched.running),
+            "num_requests_waiting": len(sched.waiting),
+            "num_compiles_after_warmup": self.runner.num_compiles - self._compiles_at_warmup,
+            "padding_efficiency": self._num_real_tokens / max(self._num_padded_tokens, 1),
+            "warmup_seconds": self.warmup_seconds,
+        }

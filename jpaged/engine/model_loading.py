@@ -1,0 +1,118 @@
+"""From an EngineConfig to a model on the device: weights, tokenizer, KV sizing and buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jpaged import checkpoint
+from jpaged.config import EngineConfig
+from jpaged.model_files import jpaged_home, resolve_model
+from jpaged.models.config import ModelConfig
+from jpaged.models.params import ParamTree, random_params
+from jpaged.runner.batch import BucketSpec
+from jpaged.runner.buckets import power_of_two_buckets
+
+logger = logging.getLogger("jpaged")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    folder: Path
+    config: ModelConfig
+    params: ParamTree
+    dtype: jnp.dtype
+    tokenizer: object | None  # a transformers tokenizer, or None for token-id-only models
+
+
+def enable_compilation_cache() -> None:
+    """Keeps compiled steps on disk under $JPAGED_HOME/xla_cache: a second start-up with the same
+    model and shapes skips XLA compilation (warm-up then mostly traces). JPAGED_COMPILATION_CACHE=0
+    turns it off. JAX reads the setting once, at its first compilation."""
+    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(jpaged_home() / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def runtime_dtype(name: str) -> jnp.dtype:
+    if name == "auto":
+        name = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    return jnp.dtype(name)
+
+
+def _load_tokenizer(folder: Path):
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    dtype = runtime_dtype(config.dtype)
+    if config.load_format == "dummy":
+        if config.model is None:
+            raise ValueError('load_format="dummy" needs model= a config.json or a folder holding one')
+        path = Path(config.model)
+        config_file = path if path.suffix == ".json" else path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json at {config.model}")
+        model_config = ModelConfig.from_file(config_file)
+        folder = config_file.parent
+        params = random_params(model_config, dtype, seed=config.seed)
+    else:
+        folder = resolve_model(config.model)
+        model_config = ModelConfig.from_file(folder / "config.json")
+        params = checkpoint.load_params(folder, model_config, dtype)
+    return LoadedModel(folder, model_config, params, dtype, _load_tokenizer(folder))
+
+
+def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    longest = model_config.max_position_embeddings
+    if config.max_model_len is None:
+        return min(longest, 2048)
+    if config.max_model_len > longest:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {longest} positions")
+    return config.max_model_len
+
+
+def kv_budget_bytes(config: EngineConfig) -> int:
+    """Bytes the KV pools may take: explicit, or a fraction of what the accelerator has left."""
+    if config.kv_cache_memory_gib is not None:
+        return int(config.kv_cache_memory_gib * 2**30)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        # Weights are already resident; keep 10% of the device for activations and XLA scratch.
+        return max(int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0), 0)
+    return 2 * 2**30  # host memory: a fixed default, tunable with kv_cache_memory_gib
+
+
+def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype) -> BucketSpec:
+    """Sizes the KV pool and lists the step shapes. Fails fast when one max-length sequence cannot fit."""
+    bs = config.block_size
+    pages_per_seq = math.ceil(max_len / bs)
+    num_pages = config.num_kv_blocks
+    if num_pages is None:
+        page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs
+        budget_pages = kv_budget_bytes(config) // page_bytes
+        # More than every sequence at full length buys nothing but a longer-lived prefix cache.
+        num_pages = min(budget_pages, config.max_num_seqs * pages_per_seq) + 1
+    if num_pages - 1 < pages_per_seq:
+        raise ValueError(
+            f"max_model_len {max_len} needs {pages_per_seq} KV blocks of {bs} tokens but the cache holds "
+            f"{max(num_pages - 1, 0)}; the largest max_model_len that fits is {max(num_pages - 1, 0) * bs}"
+        )
+    return BucketSpec(
+        token_buckets=power_of_two_buckets(16, max(config.max_num_batched_tokens, 16)),
+        max_num_seqs_bucket=power_of_two_buckets(8, max(config.max_num_seqs, 8))[-1],
+        page_buckets=power_of_two_buckets(min(8, pages_per_seq), pages_per_seq, factor=4),
+        page_size=bs,
+        num_pages=num_pages,
+    )

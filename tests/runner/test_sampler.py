@@ -1,0 +1,88 @@
+"""The sampler against numpy references: filters, penalties, and draws that follow the distribution."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.runner.sampler import SamplingArrays, _apply_penalties, _filter, sample
+
+V = 40
+
+
+def arrays(b, **kw):
+    base = dict(
+        temperature=np.ones(b, np.float32), top_k=np.zeros(b, np.int32), top_p=np.ones(b, np.float32),
+        min_p=np.zeros(b, np.float32), presence_penalty=np.zeros(b, np.float32),
+        frequency_penalty=np.zeros(b, np.float32), repetition_penalty=np.ones(b, np.float32),
+        seeds=np.arange(b, dtype=np.uint32), sample_index=np.zeros(b, np.int32),
+        history=np.full((b, 16), -1, np.int32), prompt_lens=np.zeros(b, np.int32),
+    )
+    base.update({k: np.asarray(v, base[k].dtype) for k, v in kw.items()})
+    return SamplingArrays(**base)
+
+
+def ref_keep(logits, k, p, min_p):
+    order = np.argsort(-logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    keep = np.zeros_like(logits, bool)
+    mass = 0.0
+    for rank, tok in enumerate(order):
+        if (k == 0 or rank < k) and mass < p and probs[tok] >= min_p * probs.max():
+            keep[tok] = True
+        mass += probs[tok]
+    return keep
+
+
+def test_filter_masks_match_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, V)).astype(np.float32) * 3
+    top_k, top_p, min_p = [0, 3, 0, 5, 2], [1.0, 1.0, 0.6, 0.9, 0.3], [0.0, 0.0, 0.0, 0.2, 0.1]
+    out = np.asarray(_filter(jnp.asarray(logits), arrays(5, top_k=top_k, top_p=top_p, min_p=min_p)))
+    for row in range(5):
+        np.testing.assert_array_equal(np.isfinite(out[row]), ref_keep(logits[row], top_k[row], top_p[row], min_p[row]))
+
+
+def test_penalties_match_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, V)).astype(np.float32)
+    history = np.full((2, 16), -1, np.int32)
+    history[0, :7] = [1, 2, 3, 4, 4, 9, 4]  # prompt [1, 2, 3], output [4, 4, 9, 4]
+    history[1, :3] = [5, 6, 5]  # prompt [5], output [6, 5]
+    s = arrays(2, history=history, prompt_lens=[3, 1], presence_penalty=[0.5, -0.3],
+               frequency_penalty=[0.25, 0.1], repetition_penalty=[1.5, 0.8])
+    out = np.asarray(_apply_penalties(jnp.asarray(logits), s))
+    expect = logits.copy()
+    for row, (prompt, output) in enumerate([([1, 2, 3], [4, 4, 9, 4]), ([5], [6, 5])]):
+        rep = [1.5, 0.8][row]
+        for tok in set(prompt + output):
+            expect[row, tok] = expect[row, tok] / rep if expect[row, tok] > 0 else expect[row, tok] * rep
+        for tok in set(output):
+            expect[row, tok] -= [0.25, 0.1][row] * output.count(tok) + [0.5, -0.3][row]
+    np.testing.assert_allclose(out, expect, rtol=1e-6)
+
+
+def test_draws_follow_the_filtered_distribution_and_seeds_repeat():
+    rng = np.random.default_rng(2)
+    row = rng.normal(size=V).astype(np.float32)
+    n = 4000
+    s = arrays(n, temperature=np.full(n, 0.7), top_k=np.full(n, 4), seeds=np.arange(n) % 1000,
+               sample_index=np.arange(n) // 1000)
+    out = sample(jnp.asarray(np.tile(row, (n, 1))), s)
+    ids = np.asarray(out.token_ids)
+    top4 = np.argsort(-row)[:4]
+    assert set(ids) <= set(top4.tolist())
+    p = np.exp(row[top4] / 0.7)
+    p /= p.sum()
+    freq = np.array([(ids == t).mean() for t in top4])
+    np.testing.assert_allclose(freq, p, atol=0.03)
+    again = np.asarray(sample(jnp.asarray(np.tile(row, (n, 1))), s).token_ids)
+    np.testing.assert_array_equal(ids, again)  # same (seed, index) -> same token
+    logp = np.log(np.exp(row) / np.exp(row).sum())  # logprobs are of the raw distribution
+    np.testing.assert_allclose(np.asarray(out.logprobs), logp[ids], atol=1e-5)
+
+
+def test_greedy_rows_ignore_randomness():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, V)).astype(np.float32)
+    out = sample(jnp.asarray(logits), arrays(3, temperature=[0, 0, 0], top_p=[0.1, 1, 1]))
+    np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
