@@ -44,25 +44,77 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     convert_checkpoint(args.src, args.out, dtype=args.dtype)
 
 
-def _cmd_generate(args: argparse.Namespace) -> None:
-    from jpaged import LLM, SamplingParams
+def _read_prompts(path: str) -> list[str | dict]:
+    """One prompt per line, or JSONL lines of {"prompt": ...} / {"prompt_token_ids": [...]} / a JSON string."""
+    import json
 
-    prompts = args.prompt or DEMO_PROMPTS
-    chat = args.chat or not args.prompt  # the demo prompts are questions for the instruct model
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith(("{", '"')):
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CLIError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+                if not isinstance(item, (str, dict)):
+                    raise CLIError(f"{path}:{number}: expected a string or an object with prompt / prompt_token_ids")
+                prompts.append(item)
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise CLIError(f"{path}: no prompts")
+    return prompts
+
+
+def _sampling_params(args: argparse.Namespace):
+    from jpaged import SamplingParams
+
+    return SamplingParams(
+        n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens, stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_id or ()),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from jpaged import LLM
+
+    params = _sampling_params(args)  # bad values fail before the model loads
+    prompts = args.prompt or (_read_prompts(args.prompts_file) if args.prompts_file else DEMO_PROMPTS)
+    chat = args.chat or not (args.prompt or args.prompts_file)  # the demo prompts are questions for the instruct model
     start = time.perf_counter()
     llm = LLM(args.model, **_engine_kwargs(args))
-    print(f"loaded {llm.model_dir.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    inputs = [{"prompt": p, "prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} if chat else p
-              for p in prompts]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.sampling_seed)
+    print(f"loaded {llm.model_dir.name} in {time.perf_counter() - start:.1f}s "
+          f"(warm-up {llm.get_stats()['warmup_seconds']:.1f}s)", file=sys.stderr)
+
+    def as_input(p):
+        if not chat:
+            return p
+        text = p if isinstance(p, str) else p.get("prompt")
+        if text is None:
+            raise CLIError("--chat needs text prompts")
+        return {"prompt": text, "prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": text}])}
+
+    inputs = [as_input(p) for p in prompts]
     start = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - start
-    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    for prompt, out in zip(prompts, outputs):
-        print(f"\n>>> {prompt}\n{out.outputs[0].text.strip()}\n[{len(out.outputs[0].token_ids)} tokens, {out.outputs[0].finish_reason}]")
-    print(f"\n{len(outputs)} requests, {num_out} output tokens in {elapsed:.2f}s: {num_out / elapsed:.1f} output tokens/s "
-          "(first call includes jit compilation)")
+    num_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    num_in = sum(len(o.prompt_token_ids) for o in outputs)
+    for out in outputs:
+        print(f"\n>>> {out.prompt if out.prompt is not None else out.prompt_token_ids}")
+        for c in out.outputs:
+            print(f"{c.text.strip()}\n[{len(c.token_ids)} tokens, {c.finish_reason}]")
+    stats = llm.get_stats()
+    print(f"\n{len(outputs)} requests, {num_in} prompt + {num_out} output tokens in {elapsed:.2f}s: "
+          f"{len(outputs) / elapsed:.2f} requests/s, {num_out / elapsed:.1f} output tokens/s "
+          f"(padding efficiency {stats['padding_efficiency']:.2f}, prefix-cache hits {stats['prefix_cache_hits']} tokens, "
+          f"{stats['num_preemptions']} preemptions)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate completions (default: a demo batch of chat prompts)")
     _add_engine_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a demo batch")
+    p.add_argument("--prompts-file", help="prompts, one per line, or JSONL with prompt / prompt_token_ids")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("-n", "--n", type=int, default=1, help="completions per prompt")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--sampling-seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -94,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save and restore
     try:
         args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, OSError) as e:
+    except (CLIError, ValueError, OSError) as e:
         print(f"jpaged {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0
