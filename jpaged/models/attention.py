@@ -8,8 +8,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jpaged.models.xla_attention import ragged_paged_attention_xla
 from pallas_kernels import ragged_paged_attention
-from pallas_kernels.reference import ragged_paged_attention_reference
 
 
 @jax.tree_util.register_dataclass
@@ -32,7 +32,7 @@ AttentionBackend = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata,
 
 
 def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> jax.Array:
-    return ragged_paged_attention_reference(
+    return ragged_paged_attention_xla(
         q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens, scale=scale, sliding_window=sliding_window
     )
 

@@ -1,0 +1,104 @@
+"""Paged attention in plain XLA that is fast enough for CPUs: the "xla" backend.
+
+The reference (pallas_kernels/reference.py) gathers every token's whole KV history into one
+buffer, which costs T x S x K x H copies. Here, as in the ragged Pallas kernel, the flat tokens
+are cut into query tiles of TILE tokens that each lie inside one sequence, and a loop walks the
+pages with an online softmax, so each iteration gathers one page per tile:
+
+    tokens  | s0 s0 s0 s0 s0 | s1 | s2 s2 |      cu_q_lens = [0, 5, 6, 8]
+    tiles   | s0[0:4] | s0[4:5] | s1[0:1] | s2[0:2] | unused ...      (TILE = 4 here)
+
+The loop runs to the longest context in the batch (a dynamic trip count), so block tables
+wider than needed cost nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+TILE = 16
+_MASK_VALUE = -1e30
+
+
+def _tile_table(cu_q_lens: jax.Array, num_tiles: int, tile: int):
+    """For each of num_tiles tiles: (sequence, first token, valid tokens); unused tiles have 0 valid."""
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [B]
+    tiles_per_seq = (q_lens + tile - 1) // tile
+    tile_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles_per_seq).astype(jnp.int32)])
+    w = jnp.arange(num_tiles)
+    seq = jnp.clip(jnp.searchsorted(tile_start, w, side="right") - 1, 0, q_lens.shape[0] - 1)
+    local = w - tile_start[seq]
+    valid = jnp.clip(q_lens[seq] - local * tile, 0, tile)
+    valid = jnp.where(w < tile_start[-1], valid, 0)
+    return seq, cu_q_lens[seq] + local * tile, valid
+
+
+def ragged_paged_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Same contract as ragged_paged_attention_reference: q [T, N, H] -> [T, N, H]; padding tokens get 0."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_seqs, pages_per_seq = block_tables.shape
+    group = num_heads // num_kv_heads
+    if num_tokens <= num_seqs:
+        # Decode-shaped steps (at most one token per sequence on average): one-token tiles,
+        # one per token, so no rows are wasted.
+        tile, num_tiles = 1, num_tokens
+    else:
+        tile, num_tiles = TILE, -(-num_tokens // TILE) + num_seqs  # enough for any split of T among B
+
+    seq, first, valid = _tile_table(cu_q_lens, num_tiles, tile)  # [W]
+    row = jnp.arange(tile)
+    is_row = row[None, :] < valid[:, None]  # [W, tile]
+    token = jnp.where(is_row, first[:, None] + row[None, :], num_tokens)  # num_tokens = "nowhere"
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    pos = kv_lens[seq][:, None] - q_lens[seq][:, None] + (token - cu_q_lens[seq][:, None])  # [W, tile]
+    pos = jnp.where(is_row, pos, -1)
+    qt = q[jnp.minimum(token, num_tokens - 1)].astype(jnp.float32) * scale  # [W, tile, N, H]
+    qt = qt.reshape(num_tiles, tile, num_kv_heads, group, head_dim)
+    tables = block_tables[seq]  # [W, P]
+    num_pages = (jnp.max(kv_lens) + page_size - 1) // page_size
+
+    def body(j, carry):
+        m, l, acc = carry  # [W, K, tile*G], same, [W, K, tile*G, H]
+        page = tables[:, j]  # [W]
+        kv_pos = j * page_size + jnp.arange(page_size)
+        in_seq = kv_pos[None, :] < kv_lens[seq][:, None]  # [W, L]
+        k = k_pages[page].astype(jnp.float32)  # [W, L, K, H]
+        # V rows past a sequence's end (null or stale pages) are zeroed: 0 * NaN would leak
+        v = jnp.where(in_seq[:, :, None, None], v_pages[page].astype(jnp.float32), 0.0)
+        s = jnp.einsum("wtkgh,wlkh->wktgl", qt, k).reshape(num_tiles, num_kv_heads, tile * group, page_size)
+        seen = (kv_pos[None, None, :] <= pos[:, :, None]) & in_seq[:, None, :]
+        if sliding_window is not None:
+            seen &= kv_pos[None, None, :] > pos[:, :, None] - sliding_window
+        seen = jnp.repeat(seen, group, axis=1)[:, None]  # [W, 1, tile*G, L]
+        s = jnp.where(seen, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(seen, jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("wkrl,wlkh->wkrh", p, v)
+        return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+    rows = tile * group
+    init = (
+        jnp.full((num_tiles, num_kv_heads, rows), _MASK_VALUE, jnp.float32),
+        jnp.zeros((num_tiles, num_kv_heads, rows), jnp.float32),
+        jnp.zeros((num_tiles, num_kv_heads, rows, head_dim), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_pages, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that saw nothing (padding) stay 0
+    out = out.reshape(num_tiles, num_kv_heads, tile, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(num_tiles * tile, num_heads, head_dim)
+    result = jnp.zeros((num_tokens, num_heads, head_dim), jnp.float32)
+    result = result.at[token.reshape(-1)].set(out, mode="drop")
+    return result.astype(q.dtype)
