@@ -112,6 +112,8 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
             sample_index=_padded([c.sample_index for c in chunks], b_pad, 0, np.int32),
             history=history,
             prompt_lens=_padded([c.num_prompt_tokens for c in chunks], b_pad, 0, np.int32),
+            num_logprobs=_padded([-1 if c.params.logprobs is None else c.params.logprobs for c in chunks],
+                                 b_pad, -1, np.int32),
         ),
     )
 
@@ -135,5 +137,6 @@ def dummy_batch(spec: BucketSpec, t_pad: int, b_pad: int, p_pad: int) -> BatchIn
             frequency_penalty=z(b_pad, np.float32), repetition_penalty=np.ones(b_pad, np.float32),
             seeds=z(b_pad, np.uint32), sample_index=z(b_pad),
             history=np.full((b_pad, spec.history_len), -1, np.int32), prompt_lens=z(b_pad),
+            num_logprobs=np.full(b_pad, -1, np.int32),
         ),
     )

@@ -31,6 +31,7 @@ class SamplingArrays:
     sample_index: jax.Array  # int32 [B] tokens sampled so far: the position in the random stream
     history: jax.Array  # int32 [B, max_model_len] prompt + output tokens so far; -1 past the end
     prompt_lens: jax.Array  # int32 [B]; history[:, :prompt_len] is the prompt
+    num_logprobs: jax.Array  # int32 [B]; -1 = the request wants no log-probabilities
 
 
 @jax.tree_util.register_dataclass
@@ -90,6 +91,15 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SamplerOutput:
 
     # An all-greedy batch skips the random draw entirely.
     token_ids = jax.lax.cond(jnp.all(s.temperature == 0), lambda x: greedy, draw, logits)
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)
     chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
-    return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+    def top(lp):
+        values, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+        return values, ids.astype(jnp.int32)
+
+    def no_top(lp):
+        return jnp.zeros((lp.shape[0], MAX_LOGPROBS), lp.dtype), jnp.zeros((lp.shape[0], MAX_LOGPROBS), jnp.int32)
+
+    # A top-k over the whole vocabulary is a noticeable part of a small model's step on CPU.
+    top_logprobs, top_ids = jax.lax.cond(jnp.any(s.num_logprobs >= 0), top, no_top, raw_logprobs)
+    return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)

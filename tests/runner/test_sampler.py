@@ -15,6 +15,7 @@ def arrays(b, **kw):
         frequency_penalty=np.zeros(b, np.float32), repetition_penalty=np.ones(b, np.float32),
         seeds=np.arange(b, dtype=np.uint32), sample_index=np.zeros(b, np.int32),
         history=np.full((b, 16), -1, np.int32), prompt_lens=np.zeros(b, np.int32),
+        num_logprobs=np.full(b, -1, np.int32),
     )
     base.update({k: np.asarray(v, base[k].dtype) for k, v in kw.items()})
     return SamplingArrays(**base)
