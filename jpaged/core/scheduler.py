@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Iterable
-
 import numpy as np
 
-from jpaged.core.kv_cache_manager import KVCacheManager, cdiv
+from jpaged.core.kv_cache_manager import KVCacheManager
 from jpaged.core.request import Request, RequestStatus
 from jpaged.sampling_params import SamplingParams
 
@@ -202,7 +200,3 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         req.status = status
-
-    def finish_all(self, req_ids: Iterable[str], status: RequestStatus) -> None:
-        for req_id in list(req_ids):
-            self.finish(req_id, status)
