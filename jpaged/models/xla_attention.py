@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 
 TILE = 16
+# Pages gathered per loop iteration for multi-token tiles: fewer, larger iterations amortize the
+# loop's overhead (2x faster on prefill and mixed steps here); one-token decode tiles are fastest
+# one page at a time (measured on a 2-core CPU).
+PAGES_PER_STEP = 8
 _MASK_VALUE = -1e30
 
 
@@ -67,17 +71,21 @@ def ragged_paged_attention_xla(
     qt = q[jnp.minimum(token, num_tokens - 1)].astype(jnp.float32) * scale  # [W, tile, N, H]
     qt = qt.reshape(num_tiles, tile, num_kv_heads, group, head_dim)
     tables = block_tables[seq]  # [W, P]
-    num_pages = (jnp.max(kv_lens) + page_size - 1) // page_size
+    step = 1 if tile == 1 else min(PAGES_PER_STEP, pages_per_seq)
+    span = step * page_size  # KV positions per iteration
+    num_steps = (jnp.max(kv_lens) + span - 1) // span
 
     def body(j, carry):
         m, l, acc = carry  # [W, K, tile*G], same, [W, K, tile*G, H]
-        page = tables[:, j]  # [W]
-        kv_pos = j * page_size + jnp.arange(page_size)
-        in_seq = kv_pos[None, :] < kv_lens[seq][:, None]  # [W, L]
-        k = k_pages[page].astype(jnp.float32)  # [W, L, K, H]
+        page_idx = jnp.minimum(j * step + jnp.arange(step), pages_per_seq - 1)  # clamped: masked below
+        page = tables[:, page_idx]  # [W, step]
+        kv_pos = j * span + jnp.arange(span)
+        in_seq = kv_pos[None, :] < kv_lens[seq][:, None]  # [W, span]
+        k = k_pages[page].astype(jnp.float32).reshape(num_tiles, span, num_kv_heads, head_dim)
         # V rows past a sequence's end (null or stale pages) are zeroed: 0 * NaN would leak
-        v = jnp.where(in_seq[:, :, None, None], v_pages[page].astype(jnp.float32), 0.0)
-        s = jnp.einsum("wtkgh,wlkh->wktgl", qt, k).reshape(num_tiles, num_kv_heads, tile * group, page_size)
+        v = v_pages[page].astype(jnp.float32).reshape(num_tiles, span, num_kv_heads, head_dim)
+        v = jnp.where(in_seq[:, :, None, None], v, 0.0)
+        s = jnp.einsum("wtkgh,wlkh->wktgl", qt, k).reshape(num_tiles, num_kv_heads, tile * group, span)
         seen = (kv_pos[None, None, :] <= pos[:, :, None]) & in_seq[:, None, :]
         if sliding_window is not None:
             seen &= kv_pos[None, None, :] > pos[:, :, None] - sliding_window
@@ -95,7 +103,7 @@ def ragged_paged_attention_xla(
         jnp.zeros((num_tiles, num_kv_heads, rows), jnp.float32),
         jnp.zeros((num_tiles, num_kv_heads, rows, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_pages, body, init)
+    _, l, acc = jax.lax.fori_loop(0, num_steps, body, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that saw nothing (padding) stay 0
     out = out.reshape(num_tiles, num_kv_heads, tile, group, head_dim).transpose(0, 2, 1, 3, 4)
     out = out.reshape(num_tiles * tile, num_heads, head_dim)
