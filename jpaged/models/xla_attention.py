@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 TILE = 16
+# KV positions per loop iteration for one-token tiles (decode-shaped steps).
+DECODE_SPAN = 128
 # Pages gathered per loop iteration for multi-token tiles: fewer, larger iterations amortize the
 # loop's overhead (2x faster on prefill and mixed steps here); one-token decode tiles are fastest
 # one page at a time (measured on a 2-core CPU).
@@ -62,6 +64,9 @@ def ragged_paged_attention_xla(
         tile, num_tiles = TILE, -(-num_tokens // TILE) + num_seqs  # enough for any split of T among B
 
     seq, first, valid = _tile_table(cu_q_lens, num_tiles, tile)  # [W]
+    if tile == 1:
+        return _one_token_tiles(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, seq, first, valid,
+                                scale=scale, sliding_window=sliding_window)
     row = jnp.arange(tile)
     is_row = row[None, :] < valid[:, None]  # [W, tile]
     token = jnp.where(is_row, first[:, None] + row[None, :], num_tokens)  # num_tokens = "nowhere"
@@ -110,3 +115,50 @@ def ragged_paged_attention_xla(
     result = jnp.zeros((num_tokens, num_heads, head_dim), jnp.float32)
     result = result.at[token.reshape(-1)].set(out, mode="drop")
     return result.astype(q.dtype)
+
+
+def _one_token_tiles(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, seq, first, valid, *, scale, sliding_window):
+    """The decode path: one query token per tile, its K/V gathered slot by slot.
+
+    Batched dots of one query row (G rows per KV head) run far below the CPU's speed, so the
+    scores are a multiply-and-reduce over H that XLA fuses with the slot gather: no K/V copy
+    is materialized and no tiny matmuls are dispatched (1.4x faster than a per-page loop of
+    einsums at B=32 on a 2-core CPU).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    pages_per_seq = block_tables.shape[1]
+    group = num_heads // num_kv_heads
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    pos = jnp.where(valid > 0, kv_lens[seq] - q_lens[seq] + (first - cu_q_lens[seq]), -1)  # [W]
+    qq = (q.astype(jnp.float32) * scale).reshape(num_tokens, 1, num_kv_heads, group, head_dim)
+    k_flat = k_pages.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    v_flat = v_pages.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    tables = block_tables[seq]  # [W, P]
+    span = DECODE_SPAN
+    num_steps = (jnp.max(jnp.where(valid > 0, pos + 1, 0)) + span - 1) // span
+
+    def body(j, carry):
+        m, l, acc = carry  # [W, K, G], same, [W, K, G, H]
+        kv_pos = j * span + jnp.arange(span)
+        slot = tables[:, jnp.minimum(kv_pos // page_size, pages_per_seq - 1)] * page_size + kv_pos % page_size
+        seen = kv_pos[None, :] <= pos[:, None]  # [W, span]; pos < kv_len, so never past the sequence
+        if sliding_window is not None:
+            seen &= kv_pos[None, :] > pos[:, None] - sliding_window
+        seen = seen[:, :, None, None]
+        k = k_flat[slot].astype(jnp.float32)[:, :, :, None, :]  # [W, span, K, 1, H]
+        s = jnp.where(seen, jnp.sum(qq * k, axis=-1), _MASK_VALUE)  # [W, span, K, G]
+        m_new = jnp.maximum(m, s.max(1))
+        p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        # V rows not seen (null or stale pages) are zeroed: 0 * NaN would leak
+        v = jnp.where(seen[..., None], v_flat[slot].astype(jnp.float32)[:, :, :, None, :], 0.0)
+        pv = jnp.sum(p[..., None] * v, axis=1)  # [W, K, G, H]
+        return m_new, alpha * l + p.sum(1), alpha[..., None] * acc + pv
+
+    shape = (num_tokens, num_kv_heads, group)
+    init = (jnp.full(shape, _MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_steps, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding tokens saw nothing and stay 0
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -45,3 +45,28 @@ def test_matches_reference(seed, heads):
     ref = np.asarray(ragged_paged_attention_reference(*ref_args, scale=0.3, sliding_window=window))
     assert np.isfinite(ours).all()
     np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 1)])
+def test_decode_shaped_steps_match_reference(seed, heads):
+    """At most one token per sequence on average (T <= B) takes the one-token-tile path."""
+    rng = np.random.default_rng(100 + seed)
+    num_seqs = int(rng.integers(4, 12))
+    q_lens = rng.choice([0, 1, 1, 1, 2], size=num_seqs)
+    kv_extra = rng.integers(0, 300, size=num_seqs)  # several loop spans
+    kv_extra[q_lens == 0] = np.maximum(kv_extra[q_lens == 0], 1)
+    pad = num_seqs - int(q_lens.sum())
+    if pad < 0:
+        q_lens[:] = 1
+        pad = 0
+    args = case(rng, q_lens, kv_extra, *heads, page_size=8, num_pages=512, pad_tokens=pad)
+    assert args[0].shape[0] <= num_seqs
+    window = [None, 40][seed % 2]
+    ours = np.asarray(ragged_paged_attention_xla(*args, scale=0.3, sliding_window=window))
+    ref_args = list(args)
+    ref_args[1] = jnp.nan_to_num(args[1])
+    ref_args[2] = jnp.nan_to_num(args[2])
+    ref = np.asarray(ragged_paged_attention_reference(*ref_args, scale=0.3, sliding_window=window))
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
