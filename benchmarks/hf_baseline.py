@@ -82,7 +82,23 @@ def load_hf_model(source: str | pathlib.Path, dtype: str = "float32"):
         model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype)
-    return model.eval()
+    return _to_device(model).eval()
+
+
+def dummy_hf_model(config_file: str | pathlib.Path, dtype: str = "float32"):
+    """Random weights of the shape in an HF config.json, on the GPU when there is one, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(config_file))
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return _to_device(model).eval()
+
+
+def _to_device(model):
+    import torch
+
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def peak_rss_mib() -> float:
@@ -101,10 +117,32 @@ def _left_pad(prompts: list[list[int]]):
     return ids, mask
 
 
-def _generate_static(model, prompts: list[list[int]], max_tokens: list[int], static_cache: bool) -> list[list[int]]:
+def _first_token_clock():
+    """A stopping criterion that never stops; it records when generate produced its first token."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class FirstToken(StoppingCriteria):
+        time: float | None = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.time is None:
+                if input_ids.is_cuda:
+                    torch.cuda.synchronize()
+                self.time = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return FirstToken()
+
+
+def _generate_static(model, prompts: list[list[int]], max_tokens: list[int], static_cache: bool,
+                     clock=None) -> list[list[int]]:
     """One left-padded ``generate`` call for a batch; returns each request's own ``max_tokens[i]`` tokens."""
     ids, mask = _left_pad(prompts)
+    ids, mask = ids.to(model.device), mask.to(model.device)
     kwargs = dict(cache_implementation="static") if static_cache else {}
+    if clock is not None:
+        kwargs["stopping_criteria"] = [clock]
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -125,6 +163,21 @@ def _run_static(model, prompts, max_tokens, batch_size, static_cache):
     for lo in range(0, len(prompts), batch_size):
         token_ids += _generate_static(model, prompts[lo:lo + batch_size], max_tokens[lo:lo + batch_size], static_cache)
     return token_ids, time.perf_counter() - start, 0.0
+
+
+def static_batches_with_ttft(model, prompts, max_tokens, batch_size: int, static_cache: bool = True) -> dict:
+    """Static batches of batch_size in arrival order, as a server with that many requests in flight
+    would run them: each batch starts when the previous one ends. Returns seconds and each
+    request's time to first token, counted from its batch's start (its arrival)."""
+    import torch
+
+    ttfts, start = [], time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch_size):
+            clock, batch_start = _first_token_clock(), time.perf_counter()
+            _generate_static(model, prompts[lo:lo + batch_size], max_tokens[lo:lo + batch_size], static_cache, clock)
+            ttfts += [clock.time - batch_start] * len(prompts[lo:lo + batch_size])
+    return dict(seconds=time.perf_counter() - start, ttfts=ttfts)
 
 
 def _cb_configs(model, prompts, max_tokens, batch_size):

@@ -1,0 +1,54 @@
+"""`jpaged bench sweep`: the table's ratios, the chart file, parsing, and (default model) a tiny real sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import sweep
+
+
+def _row(system, c, rps, ttft=100.0, mem=1000.0):
+    return dict(system=system, concurrency=c, num_requests=2 * c, failed=0, seconds=1.0, requests_per_s=rps,
+                output_tokens_per_s=rps * 128, mean_ttft_ms=ttft, p99_ttft_ms=ttft * 2, mean_tpot_ms=None,
+                peak_memory_mib=mem)
+
+
+def test_table_gives_ratio_per_level():
+    rows = [_row("hf", 1, 0.5), _row("jpaged", 1, 1.5), _row("hf", 4, 1.0), _row("jpaged", 4, 4.0)]
+    lines = sweep.table(rows).splitlines()
+    assert len(lines) == 5
+    assert lines[1].split()[:2] == ["1", "jpaged"] and lines[1].endswith("3.00x")
+    assert lines[3].split()[:2] == ["4", "jpaged"] and lines[3].endswith("4.00x")
+    assert not lines[2].endswith("x")
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [_row(s, c, r) for s, k in (("jpaged", 2.0), ("hf", 1.0)) for c, r in ((1, k), (4, 3 * k), (8, 5 * k))]
+    path = tmp_path / "chart.png"
+    sweep.plot(rows, "title", "concurrency", path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_parser_defaults():
+    args = sweep.build_parser().parse_args([])
+    assert args.concurrency == [1, 4, 8, 16, 32] and (args.input_len, args.output_len) == (512, 128)
+    assert args.systems == ["jpaged", "hf"]
+
+
+@pytest.mark.default_model
+def test_tiny_sweep_end_to_end(tmp_path, capsys):
+    """A real (small) sweep: jpaged served over HTTP and HF batches, both complete every request."""
+    argv = ["--concurrency", "1", "2", "--input-len", "24", "--output-len", "4", "--max-num-batched-tokens", "64",
+            "--out-dir", str(tmp_path), "--name", "t"]
+    assert sweep.main(argv) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert {(r["system"], r["concurrency"]) for r in res["rows"]} == {(s, c) for s in ("jpaged", "hf") for c in (1, 2)}
+    for r in res["rows"]:
+        assert r["failed"] == 0 and r["num_requests"] == 4
+        assert r["requests_per_s"] == pytest.approx(r["num_requests"] / r["seconds"], rel=1e-6)
+        assert 0 < r["mean_ttft_ms"] < 1000 * r["seconds"] and r["peak_memory_mib"] > 100
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert "vs HF" in capsys.readouterr().out
