@@ -27,11 +27,14 @@ CONFIGS = {
 }
 
 
-def spawn(workload: str, backend: str, hf_mode: str | None, batch_size: int, extra: list[str]) -> dict:
-    """Runs one configuration in a fresh process; a failure becomes a row with its error."""
+def spawn(workload: str | None, backend: str, hf_mode: str | None, batch_size: int, extra: list[str]) -> dict:
+    """Runs one `bench throughput` configuration in a fresh process (an issue workload, or the
+    dataset options in extra); a failure becomes a row with its error."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, "-m", "benchmarks.throughput", "--workload", workload, "--backend", backend,
+        cmd = [sys.executable, "-m", "benchmarks.throughput", "--backend", backend,
                "--max-num-seqs", str(batch_size), "--output-json", f.name, *extra]
+        if workload:
+            cmd += ["--workload", workload]
         if hf_mode:
             cmd += ["--hf-mode", hf_mode]
         proc = subprocess.run(cmd, capture_output=True, text=True)
