@@ -1,8 +1,9 @@
 """Token sampling on device, per sequence, from arrays (changing settings never recompiles).
 
-Order, as in vLLM: penalties on the raw logits, temperature, then top-k / top-p / min-p
-filtering, then a draw from each row's own random stream. Log-probabilities are those of the
-raw model distribution.
+Order, as in vLLM: penalties on the raw logits, temperature, then min-p and top-k filtering,
+top-p on what they leave, then a draw from each row's own random stream (one uniform per
+token, by inverse CDF). Log-probabilities are those of the raw model distribution. Nothing
+here sorts the vocabulary: on a CPU a sort of [64, 49152] logits alone takes ~0.4 s.
 """
 
 from __future__ import annotations
@@ -58,48 +59,145 @@ def _apply_penalties(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     return logits - s.presence_penalty[:, None] * (out_counts > 0)
 
 
+def fast_argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis (first index on ties) as two plain reductions: XLA's CPU argmax
+    (a variadic reduce over value-index pairs) is 4x slower on a [64, 49152] batch of logits."""
+    best = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == best, iota, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+def _ordered_key(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (negative floats flipped), for an exact bisection."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _from_key(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _top_set_threshold(x: jax.Array, weights: jax.Array, limit: jax.Array) -> jax.Array:
+    """Per row, the smallest t with sum(weights[x > t]) < limit: keeping x >= t keeps exactly the
+    tokens whose heavier (strictly larger x) tokens weigh less than limit.
+
+    With weights 1 and limit k that is the top k; with probabilities and limit top_p, the
+    nucleus. A bisection over the 2^32 ordered float keys (32 masked sums) replaces a full sort
+    of the vocabulary, which costs ~20x more on a CPU.
+    """
+    keys = _ordered_key(x)
+
+    def body(_, bounds):
+        lo, hi = bounds  # invariant: the answer lies in [lo, hi]
+        mid = lo + (hi - lo) // 2
+        heavier = jnp.sum(jnp.where(keys > mid[:, None], weights, 0.0), axis=-1)
+        ok = heavier < limit
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo, hi = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return _from_key(lo)[:, None]
+
+
+_CANDIDATES = 64  # top-k / top-p are read off this many largest logits when they suffice
+
+
 def _filter(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    """Top-k, top-p and min-p as masks over one descending sort of each row."""
-    vocab = logits.shape[-1]
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    """min-p, top-k, then top-p on what is left (renormalized), as in vLLM; dropped tokens get -inf.
+
+    Both cuts are thresholds (a token stays if its logit is >= the cut, so ties stay together).
+    They are read off the 64 largest logits when those decide them (top_k <= 64, a nucleus
+    shorter than 64 tokens); other rows take an exact bisection over the whole vocabulary.
+    """
+    batch, vocab = logits.shape
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    min_p_cut = jnp.where(s.min_p[:, None] > 0, best + jnp.log(jnp.maximum(s.min_p[:, None], 1e-38)), -jnp.inf)
+    x = jnp.where(logits >= min_p_cut, logits, -jnp.inf)
+    num_cand = min(_CANDIDATES, vocab)
+    cand, _ = jax.lax.top_k(x, num_cand)  # [B, C] descending
+
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < s.top_p[:, None]
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    min_p_cut = sorted_logits[:, :1] + jnp.log(jnp.maximum(s.min_p[:, None], 1e-38))
-    threshold = jnp.maximum(jnp.maximum(kth, cutoff), jnp.where(s.min_p[:, None] > 0, min_p_cut, -jnp.inf))
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    top_k_cut = jnp.take_along_axis(cand, jnp.clip(k - 1, 0, num_cand - 1)[:, None], axis=-1)
+    top_k_cut = jax.lax.cond(
+        jnp.any(k > num_cand) & jnp.any(s.top_k > 0),
+        lambda c: jnp.where((k > num_cand)[:, None], _top_set_threshold(x, jnp.ones_like(x), k.astype(x.dtype)), c),
+        lambda c: c, top_k_cut)
+    top_k_cut = jnp.where(s.top_k[:, None] > 0, top_k_cut, -jnp.inf)
+    x = jnp.where(x >= top_k_cut, x, -jnp.inf)
+
+    def top_p(x):
+        norm = jnp.sum(jnp.exp(x - best), axis=-1, keepdims=True)
+        c = jnp.where(cand >= top_k_cut, cand, -jnp.inf)
+        probs = jnp.exp(c - best) / norm  # [B, C]
+        heavier = jnp.sum(jnp.where(c[:, :, None] > c[:, None, :], probs[:, :, None], 0.0), axis=1)  # [B, C]
+        kept = heavier < s.top_p[:, None]
+        cut = jnp.min(jnp.where(kept, c, jnp.inf), axis=-1, keepdims=True)
+        # decided by the candidates unless the last one is kept and more tokens exist past it
+        decided = ~kept[:, -1] | (jnp.sum(x > -jnp.inf, axis=-1) <= num_cand)
+        cut = jax.lax.cond(
+            jnp.any(~decided & (s.top_p < 1)),
+            lambda cut: jnp.where(decided[:, None], cut, _top_set_threshold(x, jnp.exp(x - best) / norm, s.top_p)),
+            lambda cut: cut, cut)
+        return jnp.where((s.top_p[:, None] < 1) & (x < cut), -jnp.inf, x)
+
+    return jax.lax.cond(jnp.any(s.top_p < 1), top_p, lambda x: x, x)
+
+
+_CDF_BLOCK = 256
+
+
+def _inverse_cdf_draw(logits: jax.Array, u: jax.Array) -> jax.Array:
+    """One token per row of logits [B, V] (-inf = never), for uniforms u [B] in [0, 1).
+
+    Inverse-CDF sampling in two levels (block sums, then one block) needs one random number per
+    row; a Gumbel-max draw needs V of them, which costs more than the whole sampler on a CPU.
+    """
+    batch, vocab = logits.shape
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V]; 0 where -inf
+    num_blocks = -(-vocab // _CDF_BLOCK)
+    weights = jnp.pad(weights, ((0, 0), (0, num_blocks * _CDF_BLOCK - vocab)))
+    blocks = weights.reshape(batch, num_blocks, _CDF_BLOCK)
+    block_sums = blocks.sum(-1)  # [B, nb]
+    block_cdf = jnp.cumsum(block_sums, axis=-1)
+    target = u * block_cdf[:, -1]
+    rows = jnp.arange(batch)
+    last_block = num_blocks - 1 - fast_argmax((block_sums > 0)[:, ::-1].astype(jnp.int32))
+    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), last_block)  # first block past target
+    inside = blocks[rows, block]  # [B, 256]
+    cdf = block_cdf[rows, block][:, None] - block_sums[rows, block][:, None] + jnp.cumsum(inside, axis=-1)
+    last = _CDF_BLOCK - 1 - fast_argmax((inside > 0)[:, ::-1].astype(jnp.int32))
+    offset = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), last)
+    return (block * _CDF_BLOCK + offset).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, s: SamplingArrays) -> SamplerOutput:
     """Picks one token per row of float32 logits [B, V]; returns ids and log-probabilities."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw = logits
     needs_penalty = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0) | (s.repetition_penalty != 1))
     logits = jax.lax.cond(needs_penalty, _apply_penalties, lambda x, _: x, logits, s)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = fast_argmax(logits)
 
     def draw(logits):
         scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
         needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))
         scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
         keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seeds, s.sample_index)
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-        return jnp.where(s.temperature == 0, greedy, drawn)
+        u = jax.vmap(jax.random.uniform)(keys)  # [B] in [0, 1)
+        return jnp.where(s.temperature == 0, greedy, _inverse_cdf_draw(scaled, u))
 
     # An all-greedy batch skips the random draw entirely.
     token_ids = jax.lax.cond(jnp.all(s.temperature == 0), lambda x: greedy, draw, logits)
-    chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    log_norm = jax.nn.logsumexp(raw, axis=-1)
+    chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_norm
 
-    def top(lp):
-        values, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
-        return values, ids.astype(jnp.int32)
+    def top(raw):
+        values, ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+        return values - log_norm[:, None], ids.astype(jnp.int32)
 
-    def no_top(lp):
-        return jnp.zeros((lp.shape[0], MAX_LOGPROBS), lp.dtype), jnp.zeros((lp.shape[0], MAX_LOGPROBS), jnp.int32)
+    def no_top(raw):
+        return jnp.zeros((raw.shape[0], MAX_LOGPROBS), raw.dtype), jnp.zeros((raw.shape[0], MAX_LOGPROBS), jnp.int32)
 
     # A top-k over the whole vocabulary is a noticeable part of a small model's step on CPU.
-    top_logprobs, top_ids = jax.lax.cond(jnp.any(s.num_logprobs >= 0), top, no_top, raw_logprobs)
+    top_logprobs, top_ids = jax.lax.cond(jnp.any(s.num_logprobs >= 0), top, no_top, raw)
     return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)

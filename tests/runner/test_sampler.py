@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.runner.sampler import SamplingArrays, _apply_penalties, _filter, sample
+from jpaged.runner.sampler import SamplingArrays, _apply_penalties, _filter, _inverse_cdf_draw, fast_argmax, sample
 
 V = 40
 
@@ -22,15 +22,19 @@ def arrays(b, **kw):
 
 
 def ref_keep(logits, k, p, min_p):
-    order = np.argsort(-logits)
+    """vLLM's order with a sort: min-p and top-k, then top-p over the renormalized survivors."""
+    order = np.argsort(-logits, kind="stable")
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
-    keep = np.zeros_like(logits, bool)
-    mass = 0.0
-    for rank, tok in enumerate(order):
-        if (k == 0 or rank < k) and mass < p and probs[tok] >= min_p * probs.max():
-            keep[tok] = True
-        mass += probs[tok]
+    keep = probs >= min_p * probs.max()
+    if k:
+        keep &= logits >= logits[order[k - 1]]  # ties with the k-th all stay
+    if p < 1:
+        kept = np.where(keep, probs, 0.0)
+        kept /= kept.sum()
+        mass_before = np.cumsum(kept[order]) - kept[order]
+        # tokens tied with the nucleus's last one stay too (a threshold keeps every equal value)
+        keep &= logits >= logits[order[mass_before < p]].min()
     return keep
 
 
@@ -41,6 +45,43 @@ def test_filter_masks_match_reference():
     out = np.asarray(_filter(jnp.asarray(logits), arrays(5, top_k=top_k, top_p=top_p, min_p=min_p)))
     for row in range(5):
         np.testing.assert_array_equal(np.isfinite(out[row]), ref_keep(logits[row], top_k[row], top_p[row], min_p[row]))
+
+
+def test_filter_on_a_large_vocabulary_with_ties_and_negative_logits():
+    rng = np.random.default_rng(5)
+    b, v = 12, 3001
+    logits = (rng.normal(size=(b, v)) * rng.uniform(0.5, 8, size=(b, 1)) - 20).astype(np.float32)
+    logits[:, 100:140] = logits[:, :1] + 0.25  # a block of exact ties near the top
+    top_k = rng.choice([0, 1, 7, 40, 41, 500, v + 5], size=b)
+    top_p = rng.choice([1.0, 0.95, 0.5, 0.01, 0.999], size=b).astype(np.float32)
+    min_p = rng.choice([0.0, 0.0, 0.05, 0.5], size=b).astype(np.float32)
+    out = np.asarray(_filter(jnp.asarray(logits), arrays(b, top_k=top_k, top_p=top_p, min_p=min_p)))
+    for row in range(b):
+        expect = ref_keep(logits[row], min(top_k[row], v), top_p[row], min_p[row])
+        np.testing.assert_array_equal(np.isfinite(out[row]), expect, err_msg=f"row {row}")
+
+
+def test_fast_argmax_takes_the_first_maximum():
+    rng = np.random.default_rng(6)
+    x = rng.integers(-3, 4, size=(50, 333)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(np.asarray(fast_argmax(jnp.asarray(x))), x.argmax(-1))
+
+
+def test_inverse_cdf_draw_is_exact_on_a_uniform_grid():
+    """Deterministic u on a fine grid: each token is drawn in proportion to its probability, masked ones never."""
+    rng = np.random.default_rng(7)
+    v, n = 700, 20000  # 700: the last CDF block is partial
+    row = rng.normal(size=v).astype(np.float32) * 2
+    row[rng.choice(v, 300, replace=False)] = -np.inf
+    row[690:] = -np.inf  # trailing masked tokens: u near 1 must not land on them
+    u = (np.arange(n) + 0.5) / n
+    ids = np.asarray(_inverse_cdf_draw(jnp.asarray(np.tile(row, (n, 1))), jnp.asarray(u, jnp.float32)))
+    assert np.isfinite(row[ids]).all()
+    p = np.exp(row - row[np.isfinite(row)].max())
+    p /= p.sum()
+    freq = np.bincount(ids, minlength=v) / n
+    np.testing.assert_allclose(freq, p, atol=2.5 / n + 1e-4)
+    assert _inverse_cdf_draw(jnp.asarray(row[None]), jnp.asarray([np.float32(1 - 2**-24)]))[0] < 690
 
 
 def test_penalties_match_reference():
