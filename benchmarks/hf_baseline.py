@@ -91,8 +91,10 @@ def dummy_hf_model(config_file: str | pathlib.Path, dtype: str = "float32"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(config_file))
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    return _to_device(model).eval()
+    # Built on the GPU directly: an 8B model's random init on the host takes minutes.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return model.eval()
 
 
 def _to_device(model):

@@ -1,4 +1,4 @@
-"""`jpaged` command line: convert, generate (serve and bench arrive with their issues)."""
+"""`jpaged` command line: convert, generate, serve, bench."""
 
 from __future__ import annotations
 
@@ -117,6 +117,31 @@ def _cmd_generate(args: argparse.Namespace) -> None:
           f"{stats['num_preemptions']} preemptions)")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from jpaged import EngineConfig
+    from serve import ServerSettings, run_server
+
+    settings = ServerSettings(  # bad values fail before the model loads
+        engine=EngineConfig(model=args.model, **_engine_kwargs(args)), host=args.host, port=args.port,
+        api_key=args.api_key, served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout, log_interval_s=args.log_interval,
+    )
+    run_server(settings)
+
+
+# jpaged bench KIND -> the benchmarks module whose main(argv) runs it
+BENCHMARKS = {"throughput": "benchmarks.throughput", "serve": "benchmarks.serve_bench", "sweep": "benchmarks.sweep"}
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import importlib
+
+    status = importlib.import_module(BENCHMARKS[args.kind]).main(args.args)
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpaged", description="LLM inference on JAX with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: --model, or the default model's name)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="sequences that may wait for a place in the batch; beyond that, 429")
+    p.add_argument("--max-n", type=int, default=8, help="largest n (completions per prompt) of a request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--log-interval", type=float, default=5.0, help="seconds between status lines while busy")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), sweep (vs HF)")
+    p.add_argument("kind", choices=list(BENCHMARKS), help="which benchmark; `jpaged bench KIND --help` for its options")
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -155,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save and restore
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU", "no proxy" on every start
     try:
         args.func(args)
     except (CLIError, ValueError, OSError) as e:

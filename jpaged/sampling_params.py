@@ -15,7 +15,7 @@ class SamplingParams:
     temperature: float = 1.0
     """Softmax temperature, >= 0. 0 means greedy (argmax)."""
     top_k: int = 0
-    """Keep the k most likely tokens; 0 or -1 keeps all."""
+    """Keep the k most likely tokens (< 2**31); 0 or -1 keeps all."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
     min_p: float = 0.0
@@ -27,7 +27,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """> 0; logits of tokens seen in prompt or output are divided (if positive) or multiplied by it; 1 = off."""
     seed: int | None = None
-    """Random seed of this request; None draws one from the engine's generator."""
+    """Random seed of this request, in [0, 2**32); None draws one from the engine's generator."""
     max_tokens: int = 16
     """Most tokens to generate, >= 1."""
     min_tokens: int = 0
@@ -61,13 +61,14 @@ class SamplingParams:
 
         check(is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
         check(is_num(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
-        check(is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1 = off)")
+        # Per-request values become int32 / uint32 device arrays: out-of-range ones would fail the step.
+        check(is_int(self.top_k) and -1 <= self.top_k < 2**31, "top_k", "an integer in [-1, 2**31) (0 or -1 = off)")
         check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
         check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
         check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
         check(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "> 0")
-        check(self.seed is None or is_int(self.seed), "seed", "an integer or None")
+        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**32), "seed", "an integer in [0, 2**32) or None")
         check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
         check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               "an integer in [0, max_tokens]")

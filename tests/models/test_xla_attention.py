@@ -27,6 +27,17 @@ def case(rng, q_lens, kv_extra, num_heads, num_kv_heads, head_dim=32, page_size=
     return [jnp.asarray(x) for x in (q, k, v, tables, kv_lens, cu)]
 
 
+def assert_matches_reference(args, window):
+    ours = np.asarray(ragged_paged_attention_xla(*args, scale=0.3, sliding_window=window))
+    # the reference clamps its gathers to valid pages; give it a NaN-free pool
+    ref_args = list(args)
+    ref_args[1] = jnp.nan_to_num(args[1])
+    ref_args[2] = jnp.nan_to_num(args[2])
+    ref = np.asarray(ragged_paged_attention_reference(*ref_args, scale=0.3, sliding_window=window))
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 1)])
 def test_matches_reference(seed, heads):
@@ -37,14 +48,7 @@ def test_matches_reference(seed, heads):
     kv_extra[q_lens == 0] = np.maximum(kv_extra[q_lens == 0], 1)
     args = case(rng, q_lens, kv_extra, *heads)
     window = [None, 7][seed % 2]
-    ours = np.asarray(ragged_paged_attention_xla(*args, scale=0.3, sliding_window=window))
-    # the reference clamps its gathers to valid pages; give it a NaN-free pool
-    ref_args = list(args)
-    ref_args[1] = jnp.nan_to_num(args[1])
-    ref_args[2] = jnp.nan_to_num(args[2])
-    ref = np.asarray(ragged_paged_attention_reference(*ref_args, scale=0.3, sliding_window=window))
-    assert np.isfinite(ours).all()
-    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+    assert_matches_reference(args, window)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -63,10 +67,4 @@ def test_decode_shaped_steps_match_reference(seed, heads):
     args = case(rng, q_lens, kv_extra, *heads, page_size=8, num_pages=512, pad_tokens=pad)
     assert args[0].shape[0] <= num_seqs
     window = [None, 40][seed % 2]
-    ours = np.asarray(ragged_paged_attention_xla(*args, scale=0.3, sliding_window=window))
-    ref_args = list(args)
-    ref_args[1] = jnp.nan_to_num(args[1])
-    ref_args[2] = jnp.nan_to_num(args[2])
-    ref = np.asarray(ragged_paged_attention_reference(*ref_args, scale=0.3, sliding_window=window))
-    assert np.isfinite(ours).all()
-    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+    assert_matches_reference(args, window)

@@ -1,0 +1,239 @@
+"""POST /v1/completions and /v1/chat/completions, streaming (SSE) and not.
+
+A call becomes one engine request per prompt (a batch of prompts in /v1/completions gives
+several); choice `i * n + j` is completion j of prompt i. Leaving a handler in any way (done,
+client gone, cancelled) closes every stream, which aborts whatever is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from jpaged import CompletionOutput, EngineDeadError, RequestStream, SamplingParams
+from serve import responses as R
+from serve.config import ENGINE, SETTINGS, STATE
+from serve.errors import APIError, bad_request, from_value_error, parse, read_json_object
+from serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+
+
+class Generation:
+    """The engine requests behind one API call, their deltas merged into one stream."""
+
+    def __init__(self, streams: list[RequestStream], n: int):
+        self.streams = streams
+        self.n = n
+        self.num_prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
+
+    async def deltas(self) -> AsyncIterator[CompletionOutput]:
+        """Completion deltas whose `index` is the choice index, in the order the engine made them."""
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                for c in out.outputs:
+                    yield c
+            return
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(self.streams))
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    for c in out.outputs:
+                        await queue.put((dataclasses.replace(c, index=i * self.n + c.index), None))
+            except Exception as e:  # noqa: BLE001 - handed to the reader
+                await queue.put((None, e))
+            await queue.put((None, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                delta, error = await queue.get()
+                if error is not None:
+                    raise error
+                if delta is None:
+                    remaining -= 1
+                else:
+                    yield delta
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+def _check_model(app: web.Application, model: str | None) -> None:
+    name = app[STATE].model_name
+    if model is not None and model != name:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+async def _start(app: web.Application, kind: str, prompts: list, params: SamplingParams) -> tuple[str, Generation]:
+    """Queues one engine request per prompt: 429 when the queue is full, 400 when the engine refuses one."""
+    engine, settings = app[ENGINE], app[SETTINGS]
+    if engine.is_dead:
+        raise APIError(503, f"The engine is not running: {engine.error!r}", code="engine_dead")
+    num_seqs = len(prompts) * params.n
+    if engine.num_queued(num_seqs) > settings.max_queued_requests:
+        raise APIError(429, f"The server is busy: more than {settings.max_queued_requests} sequences would be "
+                            f"waiting. Retry later.", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    response_id = f"{kind}-{uuid.uuid4().hex}"
+    streams: list[RequestStream] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            streams.append(await engine.add_request(f"{response_id}-{i}", prompt, params))
+    except ValueError as e:
+        for stream in streams:
+            stream.close()
+        error = from_value_error(e)
+        if len(prompts) > 1:
+            error.message = f"prompt {i}: {error.message}"
+        raise error from None
+    except EngineDeadError as e:
+        for stream in streams:
+            stream.close()
+        raise APIError(503, str(e), code="engine_dead") from None
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return response_id, Generation(streams, params.n)
+
+
+@dataclasses.dataclass
+class _Choice:
+    text: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def _collect(gen: Generation) -> dict[int, _Choice]:
+    choices: dict[int, _Choice] = {}
+    async for c in gen.deltas():
+        choice = choices.setdefault(c.index, _Choice())
+        choice.text.append(c.text)
+        choice.token_ids += c.token_ids
+        choice.logprobs += c.logprobs or []
+        choice.finish_reason = c.finish_reason or choice.finish_reason
+    return choices
+
+
+async def _event_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    return response
+
+
+async def _respond(request: web.Request, req: GenerationRequest, gen: Generation, kind: str, response_id: str,
+                   fmt: R.LogprobFormatter | None) -> web.StreamResponse:
+    """The whole response, streamed or not; closes the generation whatever happens."""
+    chat = kind == "chat"
+    created, model = int(time.time()), request.app[STATE].model_name
+    obj = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and req.stream else "")
+    try:
+        if not req.stream:
+            try:
+                choices = await _collect(gen)
+            except EngineDeadError as e:
+                raise APIError(500, str(e), code="engine_dead") from None
+            make_choice = R.chat_choice if chat else R.completion_choice
+            out = []
+            for index in sorted(choices):
+                c = choices[index]
+                lp = None
+                if fmt is not None:
+                    lp = fmt.chat(c.token_ids, c.logprobs) if chat else fmt.completion(c.token_ids, c.logprobs, 0)
+                out.append(make_choice(index, "".join(c.text), c.finish_reason, lp))
+            num_completion = sum(len(c.token_ids) for c in choices.values())
+            return web.json_response(R.body(response_id, obj, created, model, out,
+                                            usage=R.usage(gen.num_prompt_tokens, num_completion)))
+
+        response = await _event_stream(request)
+        extra = {"usage": None} if req.include_usage else {}
+        if chat:  # the role first, as OpenAI does
+            first = [R.chat_delta(i, {"role": "assistant", "content": ""}, None, None)
+                     for i in range(len(gen.streams) * gen.n)]
+            await response.write(R.sse(R.body(response_id, obj, created, model, first, **extra)))
+        num_completion, offsets = 0, {}
+        try:
+            async for c in gen.deltas():
+                num_completion += len(c.token_ids)
+                lp = None
+                if fmt is not None and c.token_ids:
+                    if chat:
+                        lp = fmt.chat(c.token_ids, c.logprobs)
+                    else:
+                        lp = fmt.completion(c.token_ids, c.logprobs, offsets.get(c.index, 0))
+                offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
+                # A token whose text is held back (part of a character, maybe a stop string) still gets a
+                # chunk, so clients timing tokens see every one; so do token-id-only models' tokens.
+                if not (c.text or c.token_ids or c.finish_reason):
+                    continue
+                if chat:
+                    delta = {"content": c.text} if c.text or c.token_ids else {}
+                    choice = R.chat_delta(c.index, delta, c.finish_reason, lp)
+                else:
+                    choice = R.completion_choice(c.index, c.text, c.finish_reason, lp)
+                await response.write(R.sse(R.body(response_id, obj, created, model, [choice], **extra)))
+        except EngineDeadError as e:
+            await response.write(R.sse(APIError(500, str(e), code="engine_dead").body()))
+        if req.include_usage:
+            await response.write(R.sse(R.body(response_id, obj, created, model, [],
+                                              usage=R.usage(gen.num_prompt_tokens, num_completion))))
+        await response.write(R.SSE_DONE)
+        await response.write_eof()
+        return response
+    finally:
+        gen.close()
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    req = parse(CompletionRequest, await read_json_object(request))
+    _check_model(app, req.model)
+    req.check_n(app[SETTINGS].max_n)
+    prompts = req.prompts()
+    params = req.sampling_params(max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs)
+    response_id, gen = await _start(app, "cmpl", prompts, params)
+    fmt = None if req.logprobs is None else R.LogprobFormatter(app[ENGINE].tokenizer, req.logprobs)
+    return await _respond(request, req, gen, "completion", response_id, fmt)
+
+
+def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise bad_request("This model has no chat template; use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
+        raise bad_request(f"The chat template cannot format these messages: {e}", param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    req = parse(ChatCompletionRequest, await read_json_object(request))
+    _check_model(app, req.model)
+    req.check_n(app[SETTINGS].max_n)
+    engine = app[ENGINE]
+    ids = apply_chat_template(engine.tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)])
+    max_tokens = req.requested_max_tokens
+    if max_tokens is None:  # as much as the context leaves
+        max_tokens = engine.max_model_len - len(ids)
+        if max_tokens < 1:
+            raise bad_request(
+                f"This model's maximum context length is {engine.max_model_len} tokens. However, your messages "
+                f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
+                param="messages", code="context_length_exceeded")
+    num_logprobs = req.num_logprobs
+    params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs)
+    response_id, gen = await _start(app, "chatcmpl", [ids], params)
+    fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs)
+    return await _respond(request, req, gen, "chat", response_id, fmt)

@@ -1,0 +1,156 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models, and their SamplingParams.
+
+Types are checked strictly (a string is not a number); ranges are SamplingParams' to check, so
+the API and the offline engine accept exactly the same values. Unknown fields are kept in
+`model_extra` (logged and ignored by `errors.parse`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jpaged import SamplingParams
+from serve.errors import bad_request, from_value_error
+
+# Names that SamplingParams' ValueErrors may start with, reported as the error's `param`.
+_PARAM_NAMES = tuple(SamplingParams.__dataclass_fields__)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class GenerationRequest(_Model):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def check_n(self, max_n: int) -> None:
+        if not 1 <= self.n <= max_n:
+            raise bad_request(f"n must be in [1, {max_n}], got {self.n}", param="n")
+
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """SamplingParams of this request; a 400 naming the field when a value is out of range."""
+        optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed")
+        kwargs = {name: getattr(self, name) for name in optional if getattr(self, name) is not None}
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        try:
+            return SamplingParams(
+                n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=tuple(stop),
+                stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+                skip_special_tokens=self.skip_special_tokens, **kwargs,
+            )
+        except ValueError as e:
+            raise from_value_error(e, _PARAM_NAMES) from None
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked by prompts()
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request: one text or token-id list, or a batch of them."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p, list) and p:
+            if all(_is_token_id(t) for t in p):
+                return [p]
+            if all(isinstance(x, str) for x in p):
+                return list(p)
+            if all(isinstance(x, list) and x and all(_is_token_id(t) for t in x) for x in p):
+                return list(p)
+        raise bad_request("prompt must be a string, a list of strings, a non-empty list of token ids or a list of "
+                          "such lists", param="prompt")
+
+
+def _is_token_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class ChatMessage(_Model):
+    role: str
+    content: Any = None  # str | None | list of {"type": "text", "text": str}, checked by as_template_input()
+
+    def as_template_input(self, index: int) -> dict[str, Any]:
+        """The message as chat templates expect it: content as one string (text parts joined)."""
+        content = self.content
+        if isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content
+        ):
+            content = "".join(part["text"] for part in content)
+        if content is not None and not isinstance(content, str):
+            raise bad_request("content must be a string or a list of text parts ({'type': 'text', 'text': ...}); "
+                              "other content types are not supported", param=f"messages.{index}.content")
+        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None unless logprobs is true; then top_logprobs alternatives."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+
+class TokenizeRequest(_Model):
+    """POST /tokenize: a prompt, or chat messages in the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Model):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,80 @@
+"""Response bodies and stream chunks in OpenAI's shapes (plain dicts, ready for json.dumps)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# The end of every event stream.
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    """One server-sent event: `data: {json}` and a blank line."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+class LogprobFormatter:
+    """Turns the engine's per-token {token_id: logprob} dicts into the two OpenAI formats."""
+
+    def __init__(self, tokenizer, num_top: int):
+        self.tokenizer = tokenizer
+        self.num_top = num_top
+
+    def token(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        # The entry holds the sampled token and the top alternatives; the sampled one may not be among them.
+        return sorted(entry.items(), key=lambda item: -item[1])[: self.num_top]
+
+    def completion(self, token_ids: list[int], logprobs: list[dict[int, float]], text_offset: int) -> dict[str, Any]:
+        """The legacy completions format: parallel lists, top alternatives as {token: logprob}."""
+        tokens, offsets = [], []
+        for token_id in token_ids:
+            tokens.append(self.token(token_id))
+            offsets.append(text_offset)
+            text_offset += len(tokens[-1])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [entry[t] for t, entry in zip(token_ids, logprobs)],
+            "top_logprobs": [{self.token(t): lp for t, lp in self._top(entry)} for entry in logprobs],
+            "text_offset": offsets,
+        }
+
+    def chat(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> dict[str, Any]:
+        """The chat format: one object per token with its bytes and its top alternatives."""
+
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [
+            {**item(t, entry[t]), "top_logprobs": [item(alt, lp) for alt, lp in self._top(entry)]}
+            for t, entry in zip(token_ids, logprobs)
+        ]}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, delta: dict[str, str], finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def body(response_id: str, obj: str, created: int, model: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
+    """The envelope shared by responses and chunks."""
+    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}

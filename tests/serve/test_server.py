@@ -1,0 +1,307 @@
+"""The real server (a `python -m jpaged serve` subprocess, default model) through the official openai client.
+
+Greedy outputs are compared with the offline engine (`default_llm`, the same model and sizes,
+each prompt alone), so a streaming, batching or abort bug shows up as different text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from jpaged import SamplingParams
+
+pytestmark = pytest.mark.default_model
+
+MODEL = "SmolLM2-135M-Instruct"
+# The sizes of the session's `default_llm`, so server and offline engine share compiled steps.
+SERVER_ARGS = ["--max-model-len", "512", "--max-num-batched-tokens", "128", "--max-num-seqs", "8",
+               "--log-interval", "1"]
+MAX_TOKENS = 12
+PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "The three primary colors are",
+           "def fibonacci(n):"]
+QUESTIONS = ["What is the capital of France?", "Name a fruit that is yellow.", "What is 2 + 3?",
+             "Say hello in Spanish."]
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(*SERVER_ARGS)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.openai()
+
+
+@pytest.fixture(scope="module")
+def reference(server, default_llm):
+    """Offline greedy outputs, each prompt alone: ("completion" | "chat", i) -> (text, token count, reason).
+    Built after the server is up, so the server's warm-up fills the compilation cache first."""
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    refs = {}
+    for i, prompt in enumerate(PROMPTS):
+        c = default_llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        refs["completion", i] = (c.text, len(c.token_ids), c.finish_reason)
+    for i, question in enumerate(QUESTIONS):
+        c = default_llm.chat([{"role": "user", "content": question}], params, use_tqdm=False)[0].outputs[0]
+        refs["chat", i] = (c.text, len(c.token_ids), c.finish_reason)
+    return refs
+
+
+def _completion(client, i: int, stream: bool) -> tuple[str, int, str]:
+    """(text, completion tokens, finish reason) of a greedy completion, streamed or not."""
+    kwargs = dict(model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0)
+    if not stream:
+        r = client.completions.create(**kwargs)
+        return r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
+    text, reason, usage = "", None, None
+    for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            assert not chunk.choices
+            usage = chunk.usage
+        for choice in chunk.choices:
+            assert reason is None, "a chunk after the finish reason"
+            text += choice.text
+            reason = choice.finish_reason
+    return text, usage.completion_tokens, reason
+
+
+def _chat(client, i: int, stream: bool) -> tuple[str, int, str]:
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[i]}], max_tokens=MAX_TOKENS,
+                  temperature=0)
+    if not stream:
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].message.role == "assistant"
+        return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    reasons = [c.choices[0].finish_reason for c in chunks[:-1]]
+    assert reasons[-1] is not None and not any(reasons[:-1])
+    return text, chunks[-1].usage.completion_tokens, reasons[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_equals_offline_greedy(client, reference, stream):
+    for i in range(len(PROMPTS)):
+        assert _completion(client, i, stream) == reference["completion", i], PROMPTS[i]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_offline_greedy(client, reference, stream):
+    for i in range(len(QUESTIONS)):
+        assert _chat(client, i, stream) == reference["chat", i], QUESTIONS[i]
+
+
+def test_usage_counts_prompt_tokens(client, server, default_llm):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    num_prompt = len(default_llm.get_tokenizer().encode(PROMPTS[0]))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (num_prompt, 3, num_prompt + 3)
+    assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
+
+
+def test_sixteen_concurrent_requests_equal_alone(client, reference):
+    # Every mode at once: completions and chat, streamed and not, 4 prompts each.
+    jobs = [(kind, i, stream) for kind in ("completion", "chat") for stream in (False, True) for i in range(4)]
+
+    def run(job):
+        kind, i, stream = job
+        return (_completion if kind == "completion" else _chat)(client, i, stream)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (kind, i, stream), result in zip(jobs, results):
+        assert result == reference[kind, i], (kind, i, stream)
+
+
+def test_n_and_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0.9, seed=7, n=3,
+                                  logprobs=2)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 12
+    for c in r.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+        assert all(len(top) <= 2 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
+        assert "".join(lp.tokens) == c.text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob == t.logprob for t in content)  # greedy takes the most likely token
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+
+
+def _error(server, path: str, body, headers=None) -> tuple[int, dict]:
+    status, _, raw = server.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
+    return status, json.loads(raw)
+
+
+def _err(message: str, param=None, code=None, type_="invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@pytest.mark.parametrize("path, body, status, expected", [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, _err("The request body must be a JSON object, got list")),
+    ("/v1/completions", {"model": MODEL}, 400, _err("'prompt' is a required property", "prompt")),
+    ("/v1/chat/completions", {"model": MODEL}, 400, _err("'messages' is a required property", "messages")),
+    ("/v1/completions", {"prompt": "a", "temperature": -1}, 400,
+     _err("temperature must be >= 0, got -1.0", "temperature")),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, _err("top_p must be in (0, 1], got 0.0", "top_p")),
+    ("/v1/completions", {"prompt": "a", "top_p": 1.5}, 400, _err("top_p must be in (0, 1], got 1.5", "top_p")),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400,
+     _err("max_tokens must be an integer >= 1, got 0", "max_tokens")),
+    ("/v1/completions", {"prompt": "a", "n": 9}, 400, _err("n must be in [1, 8], got 9", "n")),
+    ("/v1/completions", {"prompt": "a", "seed": -1}, 400,
+     _err("seed must be an integer in [0, 2**32) or None, got -1", "seed")),
+    ("/v1/completions", {"prompt": "a", "temperature": "hot"}, 400,
+     _err("temperature: Input should be a valid number", "temperature")),
+    ("/v1/completions", {"prompt": "a", "stop": [1]}, 400, _err("stop.0: Input should be a valid string", "stop.0")),
+    ("/v1/completions", {"prompt": ""}, 400, _err("the prompt is empty")),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400,
+     _err("The request body contains invalid Unicode (a lone surrogate escape)")),
+    ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
+    ("/v1/completions", {"prompt": []}, 400, _err(
+        "prompt must be a string, a list of strings, a non-empty list of token ids or a list of such lists", "prompt")),
+    ("/v1/completions", {"prompt": [5, 10**9]}, 400, _err("the prompt has token ids outside [0, 49152)")),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 600}, 400, _err(
+        "This model's maximum context length is 512 tokens. However, you requested 601 tokens (1 in the prompt, "
+        "600 for the completion).", code="context_length_exceeded")),
+    ("/v1/chat/completions", {"messages": []}, 400,
+     _err("messages: List should have at least 1 item after validation, not 0", "messages")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, _err(
+        "content must be a string or a list of text parts ({'type': 'text', 'text': ...}); other content types are "
+        "not supported", "messages.0.content")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     _err("top_logprobs needs logprobs to be true", "top_logprobs")),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404,
+     _err("The model `gpt-4` does not exist.", "model", "model_not_found")),
+    ("/v1/nothing-here", {}, 404, _err("Not found: POST /v1/nothing-here")),
+    ("/v1/completions", {"prompt": "a" * (1 << 20)}, 413, None),
+])
+def test_bad_requests_get_status_and_error_body(server, path, body, status, expected):
+    got_status, got = _error(server, path, body)
+    assert got_status == status, got
+    if expected is None:
+        assert set(got["error"]) == {"message", "type", "param", "code"} and got["error"]["message"]
+    else:
+        assert got == expected
+
+
+def test_openai_client_sees_errors_and_the_server_lives_on(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="a", max_tokens=600)
+    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
+    assert e.value.body["message"].startswith("This model's maximum context length is 512 tokens.")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-0.5)
+    assert e.value.param == "temperature"
+    assert server.request("GET", "/health")[0] == 200
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_unknown_fields_are_ignored_with_a_log_line(server, client):
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"frobnicate": 3})
+    assert r.usage.completion_tokens == 2
+    assert "ignoring unknown fields of CompletionRequest: frobnicate" in server.log()
+
+
+def test_models_tokenize_detokenize_version_health(server, client, default_llm):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    tokenizer = default_llm.get_tokenizer()
+    status, _, raw = server.request("POST", "/tokenize", {"prompt": "Hello world"})
+    ids = tokenizer.encode("Hello world")
+    assert status == 200 and json.loads(raw) == {"count": len(ids), "max_model_len": 512, "tokens": ids}
+    status, _, raw = server.request("POST", "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and json.loads(raw)["tokens"] == default_llm.apply_chat_template(
+        [{"role": "user", "content": "Hi"}])
+    status, _, raw = server.request("POST", "/detokenize", {"tokens": ids})
+    assert status == 200 and json.loads(raw) == {"prompt": "Hello world"}
+    assert _error(server, "/detokenize", {"tokens": [-1]}) == (400, _err(
+        f"tokens must be token ids in [0, {len(tokenizer)}), got -1", "tokens"))
+    status, _, raw = server.request("GET", "/version")
+    assert status == 200 and "version" in json.loads(raw)
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_metrics_names_and_counts(server, client):
+    before = server.metrics()
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=5, temperature=0)
+    after = server.metrics()
+    for name in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total",
+                 "prefix_cache_hits_total", "num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
+                 "e2e_request_latency_seconds_count"]:
+        assert f"jpaged:{name}" in after, name
+    assert after["jpaged:generation_tokens_total"] - before["jpaged:generation_tokens_total"] == 5
+    assert after["jpaged:prompt_tokens_total"] - before["jpaged:prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["jpaged:e2e_request_latency_seconds_count"] - before["jpaged:e2e_request_latency_seconds_count"] == 1
+    assert after["jpaged:inter_token_latency_seconds_count"] - before["jpaged:inter_token_latency_seconds_count"] == 4
+    assert after["jpaged:kv_cache_usage_perc"] == 0 and after["jpaged:num_requests_running"] == 0
+
+
+def _wait_idle(server, timeout_s: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = server.metrics()
+        idle = m["jpaged:num_requests_running"] == 0 and m["jpaged:num_requests_waiting"] == 0
+        if (idle and m["jpaged:kv_cache_usage_perc"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def test_abort_storm_frees_everything(server, client, reference):
+    rng = random.Random(0)
+    plan = [rng.choice([0, 0, 1, 2, 3, 5, 8, 13]) for _ in range(32)]  # chunks read before disconnecting
+    timeouts = [rng.uniform(2.0, 3.0) for _ in range(8)]  # non-streaming clients that give up mid-generation
+    before = server.metrics()
+
+    def disconnect_after(i: int) -> int:
+        stream = client.completions.create(model=MODEL, prompt=f"Story {i}: once upon a time", max_tokens=64,
+                                           temperature=0.8, stream=True, extra_body={"ignore_eos": True})
+        read = 0
+        for _ in stream if plan[i] else ():  # 0: gone before the first token
+            read += 1
+            if read == plan[i]:
+                break
+        stream.close()
+        return read
+
+    def time_out(i: int) -> str:
+        with pytest.raises(openai.APITimeoutError):
+            client.with_options(timeout=timeouts[i]).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Tell me story {i}."}], max_tokens=64,
+                extra_body={"ignore_eos": True})
+        return "timed out"
+
+    with ThreadPoolExecutor(len(plan) + len(timeouts)) as pool:
+        reads = pool.map(disconnect_after, range(len(plan)))
+        gave_up = pool.map(time_out, range(len(timeouts)))
+        assert list(reads) == plan and list(gave_up) == ["timed out"] * len(timeouts)
+    after = _wait_idle(server)
+    assert after["jpaged:kv_cache_usage_perc"] == 0
+    assert after["jpaged:num_requests_running"] == 0 and after["jpaged:num_requests_waiting"] == 0
+    num_aborted = after["jpaged:request_aborted_total"] - before.get("jpaged:request_aborted_total", 0)
+    assert num_aborted == len(plan) + len(timeouts)
+    time.sleep(0.5)  # nothing is computed for the aborted requests any more
+    assert server.metrics()["jpaged:generation_tokens_total"] == after["jpaged:generation_tokens_total"]
+    # Every request was cut short: far fewer tokens than 40 x 64 were generated.
+    assert after["jpaged:generation_tokens_total"] - before["jpaged:generation_tokens_total"] < 40 * 20
+    assert _completion(client, 0, stream=False) == reference["completion", 0]
+
+
+def test_start_up_and_busy_log_lines(server):
+    log = server.log()
+    assert "KV cache capacity 4096 tokens" in log and "warm-up" in log and f"ready on {server.url}" in log
+    assert "model SmolLM2-135M-Instruct" in log
+    assert "running " in log and "tokens/s" in log and "prefix-cache hit rate" in log
