@@ -110,7 +110,8 @@ def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, d
             f"{max(num_pages - 1, 0)}; the largest max_model_len that fits is {max(num_pages - 1, 0) * bs}"
         )
     return BucketSpec(
-        token_buckets=power_of_two_buckets(16, max(config.max_num_batched_tokens, 16)),
+        # Small buckets keep a lone decoding request from paying for 16 padded sequences.
+        token_buckets=power_of_two_buckets(4, max(config.max_num_batched_tokens, 4)),
         max_num_seqs_bucket=power_of_two_buckets(8, max(config.max_num_seqs, 8))[-1],
         page_buckets=power_of_two_buckets(min(8, pages_per_seq), pages_per_seq, factor=4),
         page_size=bs,
