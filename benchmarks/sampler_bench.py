@@ -2,9 +2,10 @@
 
     python -m benchmarks.sampler_bench --out benchmarks/results/DATE-cpu-sampler.json
 
-The baseline is what most JAX samplers do: jnp.argmax, jax.random.categorical (a Gumbel draw per
-vocabulary entry) and a full descending sort for top-k / top-p. Ours (jpaged/runner/sampler.py)
-avoids all three. Both run on the same random logits, per batch size and setting.
+The baseline is what most JAX samplers do (and jpaged's did): jnp.argmax,
+jax.random.categorical (a Gumbel draw per vocabulary entry) and a full descending sort for
+top-k / top-p, each skipped when no row needs it. Ours (jpaged/runner/sampler.py) avoids all
+three. Both run on the same random logits, per batch size and setting.
 """
 
 from __future__ import annotations
@@ -39,21 +40,30 @@ def arrays(batch: int, history_len: int = 512, **values) -> SamplingArrays:
 
 
 def baseline(logits, s: SamplingArrays):
-    """Sort-based filtering and a Gumbel-max draw over the whole vocabulary."""
+    """jnp.argmax, a full sort for top-k / top-p and a Gumbel-max draw over the vocabulary, each
+    skipped (as in ours) when no row needs it."""
     greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
-    sorted_logits = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(s.top_k > 0, s.top_k, logits.shape[-1])
-    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < s.top_p[:, None]
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    scaled = jnp.where(scaled >= jnp.maximum(kth, cutoff), scaled, -jnp.inf)
-    keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seeds, s.sample_index)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+
+    def sort_filter(scaled):
+        sorted_logits = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(s.top_k > 0, s.top_k, logits.shape[-1])
+        kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < s.top_p[:, None]
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(scaled >= jnp.maximum(kth, cutoff), scaled, -jnp.inf)
+
+    def draw(logits):
+        scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+        scaled = jax.lax.cond(jnp.any((s.top_k > 0) | (s.top_p < 1)), sort_filter, lambda x: x, scaled)
+        keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seeds, s.sample_index)
+        return jnp.where(s.temperature == 0, greedy, jax.vmap(jax.random.categorical)(keys, scaled))
+
+    tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda x: greedy, draw, logits)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top = jax.lax.top_k(logprobs, 20)
-    return jnp.where(s.temperature == 0, greedy, drawn), top
+    top = jax.lax.cond(jnp.any(s.num_logprobs >= 0), lambda lp: tuple(jax.lax.top_k(lp, 20)),
+                       lambda lp: (lp[:, :20], jnp.zeros((lp.shape[0], 20), jnp.int32)), logprobs)
+    return tokens, top
 
 
 def time_ms(fn, *args, repeats: int) -> float:
