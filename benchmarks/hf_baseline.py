@@ -57,8 +57,6 @@ import resource
 import sys
 import time
 
-import numpy as np
-
 MODES = ("static", "static-cache", "cb")
 PAD_ID = 0
 
@@ -307,8 +305,10 @@ def run_hf(model, prompts: list[list[int]], max_tokens: list[int], *, mode: str,
 
 
 def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(100, vocab_size, size=(num_prompts, input_len)).tolist()
+    from benchmarks.datasets import make_workload
+
+    return make_workload("fixed", num_prompts=num_prompts, input_len=input_len, output_len=1, seed=seed,
+                         vocab_size=vocab_size).prompts
 
 
 def format_table(result: dict) -> str:

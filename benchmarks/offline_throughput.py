@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def spawn(workload: str | None, backend: str, hf_mode: str | None, batch_size: i
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode]
             return dict(backend=backend, workload=workload, mode=hf_mode or "", error=lines[-1])
-        res = json.load(open(f.name))
+        res = json.loads(pathlib.Path(f.name).read_text())
     res["workload"] = workload
     return res
 

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             child = argv if argv is not None else sys.argv[1:]
             subprocess.run([sys.executable, "-m", "benchmarks.sweep", *child, "--hf-child", f.name], check=True,
                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
-            rows += json.load(open(f.name))
+            rows += json.loads(pathlib.Path(f.name).read_text())
     print("\n" + table(rows))
     (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(rows, f"jpaged vs HF transformers: {meta['model']}, {meta['dtype']}, {meta['device']}",
