@@ -61,7 +61,7 @@ class LLMEngine:
         self.model_config, self.tokenizer, self.model_dir = loaded.config, loaded.tokenizer, loaded.folder
         self.max_model_len = max_model_len(config, loaded.config)
         spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype)
-        backend = resolve_backend(config.attn_backend)
+        backend = resolve_backend(config.attn_backend, loaded.dtype)
         model = build_model(loaded.config, loaded.params, backend=backend, dtype=loaded.dtype)
         self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
         self.scheduler = Scheduler(SchedulerConfig(

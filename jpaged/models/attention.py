@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jpaged.models.xla_attention import ragged_paged_attention_xla
 from pallas_kernels import ragged_paged_attention
+from pallas_kernels.cpu_attention import ragged_paged_attention_cpu, unavailable_reason
 
 
 @jax.tree_util.register_dataclass
@@ -46,15 +47,35 @@ def _pallas_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, 
     return out.astype(q.dtype)
 
 
-BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_backend}
+def _cpu_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> jax.Array:
+    return ragged_paged_attention_cpu(
+        q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens, scale=scale, sliding_window=sliding_window
+    )
 
 
-def resolve_backend(name: str) -> str:
-    """Maps "auto" to a concrete backend for the default device; validates the name."""
+BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_backend, "cpu": _cpu_backend}
+
+
+def resolve_backend(name: str, dtype=jnp.float32) -> str:
+    """Maps "auto" to a concrete backend for the default device and the KV dtype; validates the name.
+
+    auto: the Pallas kernel on a GPU; on a CPU the C++ kernel for float32 when it can be built
+    (3x faster than the XLA formulation on decode), else XLA.
+    """
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and "pallas" in BACKENDS else "xla"
+        if jax.default_backend() == "gpu":
+            return "pallas"
+        if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and unavailable_reason() is None:
+            return "cpu"
+        return "xla"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}")
+    if name == "cpu":
+        if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"attention backend 'cpu' needs the CPU and float32, not {jax.default_backend()} "
+                             f"and {jnp.dtype(dtype).name}")
+        if (reason := unavailable_reason()) is not None:
+            raise ValueError(f"attention backend 'cpu' is unavailable: {reason}")
     return name
 
 

@@ -103,6 +103,28 @@ def make_ragged_case(
     )
 
 
+def random_ragged_case(
+    rng: np.random.Generator, *, kv_heads=(1, 2), page_sizes=(16, 32), head_dims=(64, 128), max_seqs: int = 6,
+    max_pages: int = 5, pages_per_seq: int = 6,
+) -> tuple[RaggedCase, int | None]:
+    """A random float32 batch (decodes and prefill chunks, padding tokens and sequences) and a
+    random sliding window (None half the time)."""
+    group = int(rng.choice([1, 3, 4, 8]))
+    num_kv_heads = int(rng.choice(kv_heads))
+    page_size = int(rng.choice(page_sizes))
+    head_dim = int(rng.choice(head_dims))
+    num_seqs = int(rng.integers(1, max_seqs + 1))
+    kv_lens = [int(x) for x in rng.integers(1, max_pages * page_size, num_seqs)]
+    q_lens = [int(rng.integers(0, kv + 1)) if rng.random() < 0.5 else min(1, kv) for kv in kv_lens]
+    window = None if rng.random() < 0.5 else int(rng.integers(1, 3 * page_size))
+    case = make_ragged_case(
+        rng, q_lens, kv_lens, num_heads=group * num_kv_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        page_size=page_size, dtype=jnp.float32, num_tokens=sum(q_lens) + int(rng.integers(0, 9)),
+        num_seqs=num_seqs + int(rng.integers(0, 3)), pages_per_seq=pages_per_seq,
+    )
+    return case, window
+
+
 def reference_f64(case: RaggedCase, sliding_window: int | None = None) -> np.ndarray:
     """Float64 numpy attention that touches only the positions each query may see.
 

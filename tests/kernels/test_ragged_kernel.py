@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from kernel_cases import DTYPES, INTERPRET_MODES, TOLERANCE, make_ragged_case, reference_f64, relative_error
+from kernel_cases import (
+    DTYPES,
+    INTERPRET_MODES,
+    TOLERANCE,
+    make_ragged_case,
+    random_ragged_case,
+    reference_f64,
+    relative_error,
+)
 from pallas_kernels.ragged import ragged_paged_attention_pallas, tile_table
 
 
@@ -52,20 +60,7 @@ def test_ragged_matches_reference(interpret, num_heads, num_kv_heads, head_dim, 
 @pytest.mark.parametrize("interpret", INTERPRET_MODES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ragged_random_batches(interpret, seed):
-    rng = np.random.default_rng(100 + seed)
-    group = int(rng.choice([1, 3, 4, 8]))
-    num_kv_heads = int(rng.choice([1, 2]))
-    page_size = int(rng.choice([16, 32]))
-    head_dim = int(rng.choice([64, 128]))
-    num_seqs = int(rng.integers(1, 7))
-    kv_lens = [int(x) for x in rng.integers(1, 5 * page_size, num_seqs)]
-    q_lens = [int(rng.integers(0, kv + 1)) if rng.random() < 0.5 else min(1, kv) for kv in kv_lens]
-    window = None if rng.random() < 0.5 else int(rng.integers(1, 3 * page_size))
-    case = make_ragged_case(
-        rng, q_lens, kv_lens, num_heads=group * num_kv_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        page_size=page_size, dtype=jnp.float32, num_tokens=sum(q_lens) + int(rng.integers(0, 9)),
-        num_seqs=num_seqs + int(rng.integers(0, 3)), pages_per_seq=6,
-    )
+    case, window = random_ragged_case(np.random.default_rng(100 + seed))
     out = pallas_kernels.ragged_paged_attention(
         *case.args, scale=case.scale, interpret=interpret, sliding_window=window
     )
