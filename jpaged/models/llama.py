@@ -136,7 +136,9 @@ class CausalLM(nnx.Module):
         """hidden [B, D] (rows picked from __call__'s output) -> float32 logits [B, V]."""
         h = self.norm(hidden)
         if self.lm_head is None:
-            out = h @ self.embed[...].T
+            # Contract D of both operands: written as h @ embed.T, XLA:CPU copies the transposed
+            # [D, V] embedding every step when B == 1 (15 ms of a 45 ms step for a 135M model).
+            out = jax.lax.dot_general(h, self.embed[...], (((1,), (1,)), ((), ())))
         else:
             out = self.lm_head(h)
         return out.astype(jnp.float32)

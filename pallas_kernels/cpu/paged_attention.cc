@@ -88,8 +88,11 @@ struct Scratch {
 
 // One sequence's tile of tokens, all heads: row r is token r / N, query head r % N, which reads
 // KV head (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
+// kHeadDim > 0 fixes H at compile time, so a row's accumulator stays in registers.
+template <int64_t kHeadDim>
 void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
-  const int64_t H = pb.head_dim, G = pb.group, K = pb.num_kv_heads, N = pb.num_heads;
+  const int64_t H = kHeadDim > 0 ? kHeadDim : pb.head_dim;
+  const int64_t G = pb.group, K = pb.num_kv_heads, N = pb.num_heads;
   const int64_t rows = it.num_tokens * N;
   const int32_t q_start = pb.cu_q_lens[it.seq];
   const int32_t q_len = pb.cu_q_lens[it.seq + 1] - q_start;
@@ -160,12 +163,10 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
         }
         std::memcpy(s, srow, sizeof(srow));
       }
+      const int first = std::max(lo - j0, 0), last = std::min(hi - j0 + 1, n);  // visible: [first, last)
+      for (int jj = 0; jj < kBlock; ++jj) s[jj] = (jj >= first && jj < last) ? s[jj] : kMask;
       float mx = sc.m[r];
-      for (int jj = 0; jj < kBlock; ++jj) {
-        const int32_t j = j0 + jj;
-        s[jj] = (jj < n && j >= lo && j <= hi) ? s[jj] : kMask;
-        mx = std::max(mx, s[jj]);
-      }
+      for (int jj = 0; jj < kBlock; ++jj) mx = std::max(mx, s[jj]);
       const float alpha = exp_nonpositive(sc.m[r] - mx);
       float sum = 0.0f;
       for (int jj = 0; jj < kBlock; ++jj) {
@@ -177,7 +178,7 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
       sc.l[r] = sc.l[r] * alpha + sum;
       float* __restrict acc = sc.acc.data() + r * H;
       for (int64_t h = 0; h < H; ++h) acc[h] *= alpha;
-      for (int jj = 0; jj < n; ++jj) {
+      for (int jj = first; jj < last; ++jj) {
         const float p = s[jj];
         const float* __restrict vr = kv_row[jj] + kv_head * H;
         for (int64_t h = 0; h < H; ++h) acc[h] += p * vr[h];
@@ -205,7 +206,11 @@ void Drain(Shared& sh) {
   scratch.Resize(kTileTokens * sh.pb.num_heads, sh.pb.num_kv_heads, sh.pb.head_dim);
   const int64_t total = static_cast<int64_t>(sh.items.size());
   for (int64_t i; (i = sh.next.fetch_add(1)) < total;) {
-    RunItem(sh.pb, sh.items[i], scratch);
+    switch (sh.pb.head_dim) {
+      case 64: RunItem<64>(sh.pb, sh.items[i], scratch); break;
+      case 128: RunItem<128>(sh.pb, sh.items[i], scratch); break;
+      default: RunItem<0>(sh.pb, sh.items[i], scratch);
+    }
     sh.done.fetch_add(1, std::memory_order_release);
   }
 }
