@@ -33,7 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     """Token budget of one step (prefill chunks + decode tokens)."""
     attn_backend: str = "auto"
-    """auto (pallas on GPU, xla on CPU), xla, pallas."""
+    """auto (pallas on a GPU; on a CPU the C++ kernel for float32, else xla), cpu, xla, pallas."""
     seed: int = 0
     """Seed of the engine's generator (per-request seeds of requests that give none; dummy weights)."""
 

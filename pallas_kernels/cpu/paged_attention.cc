@@ -23,6 +23,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -88,6 +92,67 @@ struct Scratch {
 
 // One sequence's tile of tokens, all heads: row r is token r / N, query head r % N, which reads
 // KV head (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
+// s[0, kBlock) = q [H] . kt[h * kBlock + jj] over h: scores of one row against a transposed block.
+template <int64_t kHeadDim>
+inline void ScoreRow(const float* q, const float* kt, int64_t H, float* s) {
+#if defined(__AVX512F__)
+  static_assert(kBlock % 16 == 0);
+  __m512 acc[kBlock / 16];  // the row's scores stay in registers over the H loop
+  for (int i = 0; i < kBlock / 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    const __m512 qh = _mm512_set1_ps(q[h]);
+    for (int i = 0; i < kBlock / 16; ++i) acc[i] = _mm512_fmadd_ps(qh, _mm512_loadu_ps(kt + h * kBlock + 16 * i), acc[i]);
+  }
+  for (int i = 0; i < kBlock / 16; ++i) _mm512_storeu_ps(s + 16 * i, acc[i]);
+#else
+  float row[kBlock] = {};
+  for (int64_t h = 0; h < H; ++h) {
+    for (int jj = 0; jj < kBlock; ++jj) row[jj] += q[h] * kt[h * kBlock + jj];
+  }
+  std::memcpy(s, row, sizeof(row));
+#endif
+}
+
+// max(init, s[0], ..., s[kBlock - 1]); std::max over a loop stays scalar (NaN rules), a chain
+// of dependent vmaxss that took a quarter of the prefill time.
+inline float BlockMax(const float* s, float init) {
+#if defined(__AVX512F__)
+  __m512 m = _mm512_max_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16));
+  for (int i = 32; i < kBlock; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
+  return std::max(init, _mm512_reduce_max_ps(m));
+#else
+  float part[8] = {init, init, init, init, init, init, init, init};  // independent chains
+  for (int jj = 0; jj < kBlock; ++jj) part[jj % 8] = std::max(part[jj % 8], s[jj]);
+  return *std::max_element(part, part + 8);
+#endif
+}
+
+// acc [H] = alpha * acc + sum_jj p[jj] * v_rows[jj][v_offset : v_offset + H] over jj in [first, last).
+template <int64_t kHeadDim>
+inline void AccumulatePV(float* __restrict acc, float alpha, const float* p, const float* const* v_rows,
+                         int64_t v_offset, int first, int last, int64_t H) {
+#if defined(__AVX512F__)
+  if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
+    constexpr int kVecs = kHeadDim / 16;
+    __m512 a[kVecs];  // the accumulator stays in registers over the positions
+    const __m512 scale = _mm512_set1_ps(alpha);
+    for (int i = 0; i < kVecs; ++i) a[i] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), scale);
+    for (int jj = first; jj < last; ++jj) {
+      const __m512 pj = _mm512_set1_ps(p[jj]);
+      const float* v = v_rows[jj] + v_offset;
+      for (int i = 0; i < kVecs; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), a[i]);
+    }
+    for (int i = 0; i < kVecs; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < H; ++h) acc[h] *= alpha;
+  for (int jj = first; jj < last; ++jj) {
+    const float* __restrict v = v_rows[jj] + v_offset;
+    for (int64_t h = 0; h < H; ++h) acc[h] += p[jj] * v[h];
+  }
+}
+
 // kHeadDim > 0 fixes H at compile time, so a row's accumulator stays in registers.
 template <int64_t kHeadDim>
 void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
@@ -153,20 +218,10 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
       if (hi < j0 || lo >= j0 + n) continue;  // nothing visible to this row in the block
       const int64_t kv_head = (r % N) / G;
       float* __restrict s = sc.s.data() + r * kBlock;
-      if (transpose) {
-        float srow[kBlock] = {};
-        const float* qr = sc.qs.data() + r * H;
-        const float* kt = sc.kt.data() + kv_head * H * kBlock;
-        for (int64_t h = 0; h < H; ++h) {
-          const float qh = qr[h];
-          for (int jj = 0; jj < kBlock; ++jj) srow[jj] += qh * kt[h * kBlock + jj];
-        }
-        std::memcpy(s, srow, sizeof(srow));
-      }
+      if (transpose) ScoreRow<kHeadDim>(sc.qs.data() + r * H, sc.kt.data() + kv_head * H * kBlock, H, s);
       const int first = std::max(lo - j0, 0), last = std::min(hi - j0 + 1, n);  // visible: [first, last)
       for (int jj = 0; jj < kBlock; ++jj) s[jj] = (jj >= first && jj < last) ? s[jj] : kMask;
-      float mx = sc.m[r];
-      for (int jj = 0; jj < kBlock; ++jj) mx = std::max(mx, s[jj]);
+      const float mx = BlockMax(s, sc.m[r]);
       const float alpha = exp_nonpositive(sc.m[r] - mx);
       float sum = 0.0f;
       for (int jj = 0; jj < kBlock; ++jj) {
@@ -176,13 +231,7 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
       }
       sc.m[r] = mx;
       sc.l[r] = sc.l[r] * alpha + sum;
-      float* __restrict acc = sc.acc.data() + r * H;
-      for (int64_t h = 0; h < H; ++h) acc[h] *= alpha;
-      for (int jj = first; jj < last; ++jj) {
-        const float p = s[jj];
-        const float* __restrict vr = kv_row[jj] + kv_head * H;
-        for (int64_t h = 0; h < H; ++h) acc[h] += p * vr[h];
-      }
+      AccumulatePV<kHeadDim>(sc.acc.data() + r * H, alpha, s, kv_row, kv_head * H, first, last, H);
     }
   }
   float* out = pb.out + static_cast<int64_t>(it.first_token) * N * H;
