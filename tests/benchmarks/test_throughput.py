@@ -69,12 +69,12 @@ def test_tiny_end_to_end(tiny_models, tmp_path, backend, capsys):
     _, hf_folder, _ = tiny_models["llama"]
     out = tmp_path / "res.json"
     argv = ["bench", "throughput", "--backend", backend, "--model", str(hf_folder), "--dataset", "random",
-            "--num-prompts", "5", "--input-len", "12", "--output-len", "6", "--range-ratio", "0.5",
+            "--num-prompts", "5", "--input-len", "48", "--output-len", "6", "--range-ratio", "0.5",
             "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--output-json", str(out)]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
-    work = make_workload("random", num_prompts=5, input_len=12, output_len=6, range_ratio=0.5, vocab_size=160)
+    work = make_workload("random", num_prompts=5, input_len=48, output_len=6, range_ratio=0.5, vocab_size=160)
     assert res["output_tokens"] == work.num_output_tokens and res["prompt_tokens"] == work.num_prompt_tokens
     assert res["output_tokens_per_s"] == pytest.approx(res["output_tokens"] / res["seconds"])
     assert f"{res['output_tokens_per_s']:.2f} output tokens/s" in printed and "Throughput:" in printed
@@ -84,6 +84,8 @@ def test_tiny_end_to_end(tiny_models, tmp_path, backend, capsys):
         assert res["num_compiles_after_warmup"] == 0
         assert 0 < res["padding_efficiency"] <= 1
         assert res["kv_peak_slots_allocated"] % 16 == 0 and res["kv_peak_slots_allocated"] > 0
+        # the untimed warm-up batch must not leave the timed prompts' blocks in the prefix cache
+        assert res["prefix_cache_hits"] == 0
 
 
 def test_scaling_grid_runs_each_cell(tiny_models, tmp_path, capsys):
