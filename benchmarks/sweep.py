@@ -97,6 +97,12 @@ def jpaged_server(args, log_path: pathlib.Path):
             proc.kill()
 
 
+def level_seed(seed: int, concurrency: int) -> int:
+    """Each level draws its own prompts: with one seed for all, a level's first prompts repeat the
+    previous level's, and the server's prefix cache would skip their prefill."""
+    return seed + 1000 * concurrency
+
+
 def sweep_jpaged(args, vocab_size: int, log_path: pathlib.Path) -> list[dict]:
     from benchmarks.serve_bench import ServeBenchConfig, run_benchmark
 
@@ -104,7 +110,8 @@ def sweep_jpaged(args, vocab_size: int, log_path: pathlib.Path) -> list[dict]:
     with jpaged_server(args, log_path) as (base, pid):
         for c in sorted(args.concurrency):
             config = ServeBenchConfig(base_url=base, dataset="fixed", num_prompts=_requests_for(c), input_len=args.input_len,
-                                      output_len=args.output_len, max_concurrency=c, seed=args.seed, vocab_size=vocab_size,
+                                      output_len=args.output_len, max_concurrency=c, seed=level_seed(args.seed, c),
+                                      vocab_size=vocab_size,
                                       label=f"jpaged c={c}")
             m = asyncio.run(run_benchmark(config))["metrics"]
             rows.append(dict(system="jpaged", concurrency=c, num_requests=config.num_prompts, failed=m["failed"],
@@ -131,7 +138,7 @@ def sweep_hf(args, vocab_size: int) -> list[dict]:
     rows = []
     for c in sorted(args.concurrency):
         work = make_workload("fixed", num_prompts=_requests_for(c), input_len=args.input_len, output_len=args.output_len,
-                             seed=args.seed, vocab_size=vocab_size)
+                             seed=level_seed(args.seed, c), vocab_size=vocab_size)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         res = static_batches_with_ttft(model, work.prompts, work.output_lens, c)

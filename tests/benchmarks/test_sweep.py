@@ -52,3 +52,15 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
         assert 0 < r["mean_ttft_ms"] < 1000 * r["seconds"] and r["peak_memory_mib"] > 100
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert "vs HF" in capsys.readouterr().out
+
+
+def test_levels_share_no_prompt_block():
+    """A prompt reused across levels would hit the server's prefix cache and skip its prefill."""
+    from benchmarks.datasets import make_workload
+
+    seen: set[tuple[int, ...]] = set()
+    for c in sweep.CONCURRENCY:
+        work = make_workload("fixed", num_prompts=2 * c, input_len=32, output_len=1, seed=sweep.level_seed(0, c))
+        first_blocks = {tuple(p[:16]) for p in work.prompts}
+        assert not first_blocks & seen, f"level {c} repeats a prompt of an earlier level"
+        seen |= first_blocks
