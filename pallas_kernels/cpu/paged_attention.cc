@@ -9,10 +9,10 @@
 //   out          [T, N, H]      padding tokens get 0
 //
 // XLA's gathers and reductions move KV at ~5 GB/s on a 2-core CPU; this kernel reads each K/V
-// row once per (sequence, KV head, query tile) through the block table, straight from the pool.
-// Work items (sequence, KV head, tile of up to kTileTokens tokens) are shared by the calling
-// thread and XLA's intra-op pool. Per block of kBlock KV positions: scores as a small GEMM
-// over a transposed copy of K, one online-softmax rescale, then P @ V.
+// row once per (sequence, query tile) through the block table, straight from the pool. Work
+// items (sequence, tile of up to kTileTokens tokens, all heads) are shared by the calling thread
+// and XLA's intra-op pool. Per block of kBlock KV positions: scores (dots for decode tiles, rank-1
+// updates over a transposed copy of K for prefill tiles), one online-softmax rescale, P @ V.
 
 #include <algorithm>
 #include <atomic>
@@ -90,10 +90,7 @@ struct Scratch {
   }
 };
 
-// One sequence's tile of tokens, all heads: row r is token r / N, query head r % N, which reads
-// KV head (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
 // s[0, kBlock) = q [H] . kt[h * kBlock + jj] over h: scores of one row against a transposed block.
-template <int64_t kHeadDim>
 inline void ScoreRow(const float* q, const float* kt, int64_t H, float* s) {
 #if defined(__AVX512F__)
   static_assert(kBlock % 16 == 0);
@@ -153,6 +150,8 @@ inline void AccumulatePV(float* __restrict acc, float alpha, const float* p, con
   }
 }
 
+// One sequence's tile of tokens, all heads: row r is token r / N, query head r % N, which reads
+// KV head (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
 // kHeadDim > 0 fixes H at compile time, so a row's accumulator stays in registers.
 template <int64_t kHeadDim>
 void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
@@ -218,7 +217,7 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
       if (hi < j0 || lo >= j0 + n) continue;  // nothing visible to this row in the block
       const int64_t kv_head = (r % N) / G;
       float* __restrict s = sc.s.data() + r * kBlock;
-      if (transpose) ScoreRow<kHeadDim>(sc.qs.data() + r * H, sc.kt.data() + kv_head * H * kBlock, H, s);
+      if (transpose) ScoreRow(sc.qs.data() + r * H, sc.kt.data() + kv_head * H * kBlock, H, s);
       const int first = std::max(lo - j0, 0), last = std::min(hi - j0 + 1, n);  // visible: [first, last)
       for (int jj = 0; jj < kBlock; ++jj) s[jj] = (jj >= first && jj < last) ? s[jj] : kMask;
       const float mx = BlockMax(s, sc.m[r]);

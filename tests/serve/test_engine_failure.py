@@ -60,7 +60,7 @@ def test_engine_failure_fails_in_flight_requests_and_health_turns_503(tiny_model
 
 
 def test_token_id_model_streams_a_chunk_per_token(tiny_models):
-    """A model without a tokenizer: token-id prompts, empty texts, but still one chunk per token and usage."""
+    """A model without a tokenizer: token-id prompts, empty texts, but still streamed chunks and usage."""
     config = EngineConfig(model=str(tiny_models["llama"][2]), max_model_len=64, max_num_seqs=4,
                           max_num_batched_tokens=32)
     body = {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 5, "ignore_eos": True, "temperature": 0, "stream": True,
@@ -82,6 +82,8 @@ def test_token_id_model_streams_a_chunk_per_token(tiny_models):
         (choice,) = chunk["choices"]
         assert choice["text"] == ""
         per_choice[choice["index"]].append(choice["finish_reason"])
-    assert per_choice == {0: [None] * 4 + ["length"], 1: [None] * 4 + ["length"]}
+    # Up to one chunk per token: a reader slower than the engine gets consecutive deltas merged.
+    for reasons in per_choice.values():
+        assert 1 <= len(reasons) <= 5 and reasons == [None] * (len(reasons) - 1) + ["length"]
     assert chat_status == 400
     assert chat_body["error"]["message"] == "This model has no chat template; use /v1/completions"
