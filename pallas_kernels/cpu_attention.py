@@ -2,8 +2,8 @@
 
 The kernel is compiled on first use with the system C++ compiler, for this machine's CPU, into
 a cache folder keyed by the source, the jaxlib headers and the CPU; later processes load it in
-milliseconds. `available()` says whether it could be built (no compiler: the caller falls back
-to the XLA formulation).
+milliseconds. `unavailable_reason()` says why it cannot be used here, or None (no compiler:
+the caller falls back to the XLA formulation).
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _build(compiler: str, target: Path) -> None:
 
 
 @functools.cache
-def _load() -> str | None:
-    """Builds (once per machine) and registers the kernel; returns why not when it cannot."""
+def unavailable_reason() -> str | None:
+    """Builds (once per machine) and registers the kernel; None when it is ready, else why not."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         return "no C++ compiler found (set CXX)"
@@ -88,11 +88,6 @@ def _load() -> str | None:
     return None
 
 
-def unavailable_reason() -> str | None:
-    """None when the kernel is ready, else why it cannot be used here."""
-    return _load()
-
-
 def ragged_paged_attention_cpu(
     q: jax.Array,
     k_pages: jax.Array,
@@ -105,7 +100,7 @@ def ragged_paged_attention_cpu(
     sliding_window: int | None = None,
 ) -> jax.Array:
     """Same contract as ragged_paged_attention_reference, float32: q [T, N, H] -> [T, N, H]."""
-    reason = _load()
+    reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {reason}")
     if k_pages.dtype != jnp.float32:

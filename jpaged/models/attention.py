@@ -56,6 +56,13 @@ def _cpu_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sli
 BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_backend, "cpu": _cpu_backend}
 
 
+def _cpu_kernel_problem(dtype) -> str | None:
+    """Why the C++ CPU kernel cannot serve this device and KV dtype, or None."""
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return f"it needs the CPU and float32, not {jax.default_backend()} and {jnp.dtype(dtype).name}"
+    return unavailable_reason()
+
+
 def resolve_backend(name: str, dtype=jnp.float32) -> str:
     """Maps "auto" to a concrete backend for the default device and the KV dtype; validates the name.
 
@@ -65,17 +72,11 @@ def resolve_backend(name: str, dtype=jnp.float32) -> str:
     if name == "auto":
         if jax.default_backend() == "gpu":
             return "pallas"
-        if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and unavailable_reason() is None:
-            return "cpu"
-        return "xla"
+        return "cpu" if _cpu_kernel_problem(dtype) is None else "xla"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}")
-    if name == "cpu":
-        if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
-            raise ValueError(f"attention backend 'cpu' needs the CPU and float32, not {jax.default_backend()} "
-                             f"and {jnp.dtype(dtype).name}")
-        if (reason := unavailable_reason()) is not None:
-            raise ValueError(f"attention backend 'cpu' is unavailable: {reason}")
+    if name == "cpu" and (problem := _cpu_kernel_problem(dtype)) is not None:
+        raise ValueError(f"attention backend 'cpu' is unavailable: {problem}")
     return name
 
 
