@@ -41,6 +41,7 @@ class ThroughputConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: just enough for the workload's longest request
     hf_mode: str = "static-cache"
+    linear_backend: str = "auto"  # jpaged's projections: auto | cpu | xla
 
 
 def dummy_config_path(name: str) -> pathlib.Path:
@@ -91,7 +92,7 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
 
     max_len = cfg.max_model_len or max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
     kwargs = dict(dtype=cfg.dtype, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                  max_model_len=max_len)
+                  max_model_len=max_len, linear_backend=cfg.linear_backend)
     model = cfg.model
     if cfg.dummy_config:
         model, kwargs["load_format"] = str(dummy_config_path(cfg.dummy_config)), "dummy"
@@ -232,6 +233,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-num-seqs", type=int, default=32, help="jpaged: most sequences per step; hf: batch size")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--linear-backend", default="auto", help="jpaged's projections: auto | cpu | xla")
     p.add_argument("--output-json", default=None)
     return p
 
@@ -255,7 +257,8 @@ def vocab_size_of(model: str | None, dummy_config: str | None) -> int:
 def run_from_args(args: argparse.Namespace) -> dict:
     cfg = ThroughputConfig(backend=args.backend, model=args.model, dummy_config=args.dummy_config, dtype=args.dtype,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                           max_model_len=args.max_model_len, hf_mode=args.hf_mode)
+                           max_model_len=args.max_model_len, hf_mode=args.hf_mode,
+                           linear_backend=args.linear_backend)
     work = workload_from_args(args, vocab_size_of(cfg.model, cfg.dummy_config))
     res = run(cfg, work)
     res.update(dataset=args.workload or args.dataset, meta=device_info())

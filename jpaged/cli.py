@@ -28,13 +28,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--attn-backend", default="auto", help="auto | cpu | xla | pallas")
+    p.add_argument("--linear-backend", default="auto", help="auto | cpu | xla (the projections' kernels)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "num_kv_blocks", "block_size", "attn_backend", "seed"]
+             "num_kv_blocks", "block_size", "attn_backend", "linear_backend", "seed"]
     return {name: getattr(args, name) for name in names}
 
 

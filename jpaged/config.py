@@ -34,6 +34,8 @@ class EngineConfig:
     """Token budget of one step (prefill chunks + decode tokens)."""
     attn_backend: str = "auto"
     """auto (pallas on a GPU; on a CPU the C++ kernel for float32, else xla), cpu, xla, pallas."""
+    linear_backend: str = "auto"
+    """Projections: auto (on a CPU the C++ kernel for float32, else xla), cpu, xla."""
     seed: int = 0
     """Seed of the engine's generator (per-request seeds of requests that give none; dummy weights)."""
 

@@ -19,7 +19,7 @@ from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.model_loading import bucket_spec, enable_compilation_cache, load_model, max_model_len
-from jpaged.models.attention import resolve_backend
+from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from jpaged.models.params import build_model
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.runner.batch import build_batch
@@ -62,7 +62,8 @@ class LLMEngine:
         self.max_model_len = max_model_len(config, loaded.config)
         spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype)
         backend = resolve_backend(config.attn_backend, loaded.dtype)
-        model = build_model(loaded.config, loaded.params, backend=backend, dtype=loaded.dtype)
+        linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
+        model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
         self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
@@ -77,10 +78,10 @@ class LLMEngine:
         self._compiles_at_warmup = self.runner.num_compiles
         self.kv_capacity_tokens = (spec.num_pages - 1) * config.block_size
         logger.info(
-            "loaded %s (%s, %.1fM params, %s, attention %s) in %.1fs; KV cache: %d blocks = %d tokens; "
+            "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
             "warm-up compiled %d shapes in %.1fs",
             self.model_dir.name, self.model_config.architecture, self.model_config.num_params() / 1e6,
-            loaded.dtype.name, backend, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
+            loaded.dtype.name, backend, linear, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
             len(spec.shapes()), self.warmup_seconds,
         )
         self.eos_token_ids = self._eos_token_ids()

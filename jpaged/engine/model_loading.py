@@ -17,7 +17,7 @@ from jpaged.model_files import jpaged_home, resolve_model
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import ParamTree, random_params
 from jpaged.runner.batch import BucketSpec
-from jpaged.runner.buckets import power_of_two_buckets
+from jpaged.runner.buckets import power_of_two_buckets, token_buckets
 
 logger = logging.getLogger("jpaged")
 
@@ -112,7 +112,7 @@ def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, d
     return BucketSpec(
         # Buckets down to 1: a lone decoding request padded to 4 rows costs 45 ms a token
         # instead of 34 (matmuls with M > 1 pack the weights: more memory traffic).
-        token_buckets=power_of_two_buckets(1, max(config.max_num_batched_tokens, 1)),
+        token_buckets=token_buckets(max(config.max_num_batched_tokens, 1), max(config.max_num_seqs, 8)),
         max_num_seqs_bucket=power_of_two_buckets(8, max(config.max_num_seqs, 8))[-1],
         page_buckets=power_of_two_buckets(min(8, pages_per_seq), pages_per_seq, factor=4),
         page_size=bs,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jpaged.models.xla_attention import ragged_paged_attention_xla
 from pallas_kernels import ragged_paged_attention
-from pallas_kernels.cpu_attention import ragged_paged_attention_cpu, unavailable_reason
+from pallas_kernels.cpu_attention import ragged_paged_attention_cpu
 
 
 @jax.tree_util.register_dataclass
@@ -54,30 +54,6 @@ def _cpu_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sli
 
 
 BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_backend, "cpu": _cpu_backend}
-
-
-def _cpu_kernel_problem(dtype) -> str | None:
-    """Why the C++ CPU kernel cannot serve this device and KV dtype, or None."""
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
-        return f"it needs the CPU and float32, not {jax.default_backend()} and {jnp.dtype(dtype).name}"
-    return unavailable_reason()
-
-
-def resolve_backend(name: str, dtype=jnp.float32) -> str:
-    """Maps "auto" to a concrete backend for the default device and the KV dtype; validates the name.
-
-    auto: the Pallas kernel on a GPU; on a CPU the C++ kernel for float32 when it can be built
-    (3x faster than the XLA formulation on decode), else XLA.
-    """
-    if name == "auto":
-        if jax.default_backend() == "gpu":
-            return "pallas"
-        return "cpu" if _cpu_kernel_problem(dtype) is None else "xla"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}")
-    if name == "cpu" and (problem := _cpu_kernel_problem(dtype)) is not None:
-        raise ValueError(f"attention backend 'cpu' is unavailable: {problem}")
-    return name
 
 
 def write_kv(

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jpaged.models.config import ModelConfig
 from jpaged.models.llama import CausalLM
+from pallas_kernels.cpu_linear import pack_columns
 
 ParamTree = dict[str, Any]
 
@@ -31,8 +32,8 @@ def _nnx_keys(tree: Any, like: Any) -> Any:
     return tree
 
 
-def _abstract_model(config: ModelConfig, backend: str, dtype) -> CausalLM:
-    return nnx.eval_shape(lambda: CausalLM(config, backend=backend, dtype=dtype, rngs=nnx.Rngs(0)))
+def _abstract_model(config: ModelConfig, backend: str, linear: str, dtype) -> CausalLM:
+    return nnx.eval_shape(lambda: CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def _pure_dict(state: nnx.State) -> dict:
@@ -41,7 +42,7 @@ def _pure_dict(state: nnx.State) -> dict:
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> ParamTree:
     """The expected tree of jax.ShapeDtypeStruct for a config, without allocating anything."""
-    return _stringify_keys(_pure_dict(nnx.state(_abstract_model(config, "xla", dtype), nnx.Param)))
+    return _stringify_keys(_pure_dict(nnx.state(_abstract_model(config, "xla", "xla", dtype), nnx.Param)))
 
 
 def flatten(tree: ParamTree, prefix: str = "") -> dict[str, Any]:
@@ -67,9 +68,20 @@ def unflatten(flat: dict[str, Any]) -> ParamTree:
     return tree
 
 
-def build_model(config: ModelConfig, params: ParamTree, *, backend: str = "xla", dtype=jnp.float32) -> CausalLM:
-    """A CausalLM whose parameters are the given arrays (no copy, no random init)."""
-    graphdef, state = nnx.split(_abstract_model(config, backend, dtype))
+def build_model(
+    config: ModelConfig, params: ParamTree, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32
+) -> CausalLM:
+    """A CausalLM whose parameters are the given arrays (no copy, no random init).
+
+    With linear="cpu" every projection kernel [in, out] is packed for the C++ kernel (a copy;
+    a tied lm_head gets its own, packed from the embedding).
+    """
+    if linear == "cpu":
+        if config.tie_word_embeddings:
+            params = {**params, "lm_head": {"kernel": params["embed"].T}}
+        pack = jax.jit(pack_columns)
+        params = unflatten({name: pack(w) if name.endswith(".kernel") else w for name, w in flatten(params).items()})
+    graphdef, state = nnx.split(_abstract_model(config, backend, linear, dtype))
     nnx.replace_by_pure_dict(state, _nnx_keys(params, _pure_dict(state)))
     return nnx.merge(graphdef, state)
 

@@ -39,7 +39,7 @@ class SamplingArrays:
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
     token_ids: jax.Array  # int32 [B]
-    logprobs: jax.Array  # float32 [B] of the sampled tokens
+    logprobs: jax.Array  # float32 [B] of the sampled tokens; 0 when no row asked for log-probabilities
     top_ids: jax.Array  # int32 [B, MAX_LOGPROBS]
     top_logprobs: jax.Array  # float32 [B, MAX_LOGPROBS]
 
@@ -188,16 +188,19 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SamplerOutput:
 
     # An all-greedy batch skips the random draw entirely.
     token_ids = jax.lax.cond(jnp.all(s.temperature == 0), lambda x: greedy, draw, logits)
-    log_norm = jax.nn.logsumexp(raw, axis=-1)
-    chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_norm
 
-    def top(raw):
+    def with_logprobs(raw):
+        log_norm = jax.nn.logsumexp(raw, axis=-1)
+        chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_norm
         values, ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-        return values - log_norm[:, None], ids.astype(jnp.int32)
+        return chosen, values - log_norm[:, None], ids.astype(jnp.int32)
 
-    def no_top(raw):
-        return jnp.zeros((raw.shape[0], MAX_LOGPROBS), raw.dtype), jnp.zeros((raw.shape[0], MAX_LOGPROBS), jnp.int32)
+    def without(raw):
+        batch = raw.shape[0]
+        return (jnp.zeros((batch,), raw.dtype), jnp.zeros((batch, MAX_LOGPROBS), raw.dtype),
+                jnp.zeros((batch, MAX_LOGPROBS), jnp.int32))
 
-    # A top-k over the whole vocabulary is a noticeable part of a small model's step on CPU.
-    top_logprobs, top_ids = jax.lax.cond(jnp.any(s.num_logprobs >= 0), top, no_top, raw)
+    # A top-k or a logsumexp over the whole vocabulary is a noticeable part of a small model's
+    # step on CPU: a batch where no request asks for log-probabilities gets zeros.
+    chosen, top_logprobs, top_ids = jax.lax.cond(jnp.any(s.num_logprobs >= 0), with_logprobs, without, raw)
     return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +9,9 @@ import pytest
 from kernel_cases import make_ragged_case, random_ragged_case, reference_f64, relative_error
 
 from pallas_kernels.cpu_attention import ragged_paged_attention_cpu, unavailable_reason
+from tests.conftest import HAS_COMPILER
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the kernel"
-)
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the kernel")
 
 
 def test_kernel_builds_where_a_compiler_exists():

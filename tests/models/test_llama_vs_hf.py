@@ -15,7 +15,7 @@ from jpaged.models.params import build_model
 from jpaged.runner.batch import BucketSpec, build_batch
 from jpaged.runner.buckets import power_of_two_buckets
 from jpaged.runner.model_runner import ModelRunner
-from tests.conftest import TINY_MODELS, make_chunk
+from tests.conftest import HAS_COMPILER, TINY_MODELS, make_chunk
 
 PAGE_SIZE = 4  # small pages so every sequence spans several, in shuffled order
 NUM_PAGES = 64
@@ -29,11 +29,12 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 class PagedDriver:
     """Runs sequences through the runner with randomly scattered pages, returning per-token logits."""
 
-    def __init__(self, folder, rng: np.random.Generator):
+    def __init__(self, folder, rng: np.random.Generator, linear: str):
         config = ModelConfig.from_file(folder / "config.json")
         params = checkpoint.load_params(folder, config, jnp.float32)
         self.spec = BucketSpec(power_of_two_buckets(16, 256), 8, power_of_two_buckets(8, 64), PAGE_SIZE, NUM_PAGES)
-        self.runner = ModelRunner(build_model(config, params, dtype=jnp.float32), self.spec, kv_dtype=jnp.float32)
+        model = build_model(config, params, linear=linear, dtype=jnp.float32)
+        self.runner = ModelRunner(model, self.spec, kv_dtype=jnp.float32)
         self.pages = rng.permutation(np.arange(1, NUM_PAGES)).astype(np.int32)
 
     def block_table(self, i: int) -> np.ndarray:
@@ -47,11 +48,15 @@ class PagedDriver:
         return self.runner.logits(batch)
 
 
+# linear: the projections as XLA dots, or the C++ kernel over packed weights (a packed copy of
+# the embedding for tied heads)
+@pytest.mark.parametrize("linear", ["xla", pytest.param("cpu", marks=pytest.mark.skipif(
+    not HAS_COMPILER, reason="no C++ compiler"))])
 @pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_prefill_and_decode_match_hf(name, tiny_models):
+def test_prefill_and_decode_match_hf(name, linear, tiny_models):
     hf_model, _, folder = tiny_models[name]
     rng = np.random.default_rng(hash(name) % 2**32)
-    driver = PagedDriver(folder, rng)
+    driver = PagedDriver(folder, rng, linear)
     vocab = hf_model.config.vocab_size
     # Three prompts of lengths around page boundaries, prefilled together in one ragged batch.
     prompts = [rng.integers(3, vocab, size=n).tolist() for n in (5, 8, 13)]

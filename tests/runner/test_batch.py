@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jpaged.runner.batch import BucketSpec, build_batch
-from jpaged.runner.buckets import pick_bucket, power_of_two_buckets
+from jpaged.runner.buckets import pick_bucket, power_of_two_buckets, token_buckets
 from jpaged.sampling_params import SamplingParams
 from tests.conftest import make_chunk
 
@@ -51,6 +51,13 @@ def test_buckets():
     assert power_of_two_buckets(16, 100) == (16, 32, 64, 100)
     assert power_of_two_buckets(8, 8) == (8,)
     assert power_of_two_buckets(8, 256, factor=4) == (8, 32, 128, 256)
+
+
+def test_token_buckets_add_decode_sizes_up_to_max_seqs():
+    assert token_buckets(512, 64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 128, 256, 512)
+    assert token_buckets(256, 16) == (1, 2, 4, 8, 16, 32, 64, 128, 256)  # nothing past max_seqs
+    assert token_buckets(512, 128)[8:] == (48, 56, 64, 80, 96, 112, 128, 256, 512)
+    assert token_buckets(30, 64) == (1, 2, 4, 8, 16, 24, 30)  # nothing past the token budget
     assert [pick_bucket(n, (8, 16)) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
     with pytest.raises(ValueError, match="exceeds"):
         pick_bucket(17, (8, 16))

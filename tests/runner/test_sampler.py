@@ -108,7 +108,7 @@ def test_draws_follow_the_filtered_distribution_and_seeds_repeat():
     row = rng.normal(size=V).astype(np.float32)
     n = 4000
     s = arrays(n, temperature=np.full(n, 0.7), top_k=np.full(n, 4), seeds=np.arange(n) % 1000,
-               sample_index=np.arange(n) // 1000)
+               sample_index=np.arange(n) // 1000, num_logprobs=np.zeros(n))
     out = sample(jnp.asarray(np.tile(row, (n, 1))), s)
     ids = np.asarray(out.token_ids)
     top4 = np.argsort(-row)[:4]

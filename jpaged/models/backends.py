@@ -1,0 +1,48 @@
+"""Which kernels a model runs: the attention backend and the projections' ("linear") backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.models.attention import BACKENDS
+from pallas_kernels.cpu_build import unavailable_reason
+
+LINEAR_BACKENDS = ("xla", "cpu")
+
+
+def _cpu_kernel_problem(dtype) -> str | None:
+    """Why the C++ CPU kernels cannot serve this device and dtype, or None."""
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return f"it needs the CPU and float32, not {jax.default_backend()} and {jnp.dtype(dtype).name}"
+    return unavailable_reason()
+
+
+def _resolve(kind: str, name: str, choices, dtype, on_gpu: str) -> str:
+    if name == "auto":
+        if jax.default_backend() == "gpu":
+            return on_gpu
+        return "cpu" if _cpu_kernel_problem(dtype) is None else "xla"
+    if name not in choices:
+        raise ValueError(f"unknown {kind} backend {name!r}; available: auto, {', '.join(choices)}")
+    if name == "cpu" and (problem := _cpu_kernel_problem(dtype)) is not None:
+        raise ValueError(f"{kind} backend 'cpu' is unavailable: {problem}")
+    return name
+
+
+def resolve_backend(name: str, dtype=jnp.float32) -> str:
+    """Maps attention backend "auto" to a concrete one for the default device and the KV dtype.
+
+    auto: the Pallas kernel on a GPU; on a CPU the C++ kernel for float32 when it can be built
+    (3x faster than the XLA formulation on decode), else XLA.
+    """
+    return _resolve("attention", name, tuple(BACKENDS), dtype, on_gpu="pallas")
+
+
+def resolve_linear_backend(name: str, dtype=jnp.float32) -> str:
+    """Maps linear backend "auto" to a concrete one for the default device and the weight dtype.
+
+    auto: on a CPU the C++ kernel for float32 when it can be built (XLA runs a decode step's
+    dots on one core), else XLA's dot.
+    """
+    return _resolve("linear", name, LINEAR_BACKENDS, dtype, on_gpu="xla")

@@ -1,0 +1,158 @@
+// y = x @ w for XLA:CPU, called from jax through the XLA FFI (float32).
+//
+//   x  [M, K]        activations, row-major
+//   w  [P, K, 32]    the weight [K, N] cut into P = ceil(N / 32) column panels, each contiguous
+//                    (pallas_kernels/cpu_linear.py:pack_columns; columns past N are zero)
+//   y  [M, N]
+//
+// XLA:CPU runs a dot with a few dozen rows (a decode step's batch) on one core through Eigen;
+// here the panels are shared by the calling thread and XLA's intra-op pool, so both cores work.
+// Each 8 x 32 block of y is accumulated over the whole of K in 16 registers and stored once;
+// while a thread works on a panel it prefetches the next one, because at these shapes the
+// weights stream from memory and the step is as much about bandwidth as about FMAs.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 32;  // columns per panel: two AVX-512 vectors
+constexpr int kRows = 8;    // rows per register block: 16 accumulators
+
+// y[r, 0:cols] = sum_k x[r, k] * panel[k, 0:kPanel] for r < kR; cols <= kPanel. While the k loop
+// runs, the rows of `next` (a panel or null) are requested into the cache.
+template <int kR>
+inline void Block(const float* __restrict x, int64_t K, const float* __restrict panel, const float* next,
+                  float* __restrict y, int64_t N, int cols) {
+#if defined(__AVX512F__)
+  __m512 lo[kR], hi[kR];
+  for (int r = 0; r < kR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(panel + k * kPanel);
+    const __m512 b1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+    if (next != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel + 16), _MM_HINT_T0);
+    }
+    for (int r = 0; r < kR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * K + k]);
+      lo[r] = _mm512_fmadd_ps(a, b0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(a, b1, hi[r]);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols <= 16 ? 0 : cols >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  for (int r = 0; r < kR; ++r) {
+    _mm512_mask_storeu_ps(y + r * N, m0, lo[r]);
+    _mm512_mask_storeu_ps(y + r * N + 16, m1, hi[r]);
+  }
+#else
+  (void)next;
+  float acc[kR][kPanel] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int r = 0; r < kR; ++r) {
+      for (int c = 0; c < kPanel; ++c) acc[r][c] += x[r * K + k] * panel[k * kPanel + c];
+    }
+  }
+  for (int r = 0; r < kR; ++r) std::copy(acc[r], acc[r] + cols, y + r * N);
+#endif
+}
+
+// The last M % kRows rows of a panel.
+void Remainder(int rows, const float* x, int64_t K, const float* panel, const float* next, float* y, int64_t N,
+               int cols) {
+  switch (rows) {
+    case 1: Block<1>(x, K, panel, next, y, N, cols); break;
+    case 2: Block<2>(x, K, panel, next, y, N, cols); break;
+    case 3: Block<3>(x, K, panel, next, y, N, cols); break;
+    case 4: Block<4>(x, K, panel, next, y, N, cols); break;
+    case 5: Block<5>(x, K, panel, next, y, N, cols); break;
+    case 6: Block<6>(x, K, panel, next, y, N, cols); break;
+    case 7: Block<7>(x, K, panel, next, y, N, cols); break;
+    default: break;
+  }
+}
+
+// Held by shared_ptr: a pool task that starts after the caller has returned finds no chunks
+// left and touches nothing else.
+struct Shared {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, K, N, panels, chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Panels [p0, p1): all rows of y, panel after panel, prefetching the next panel of the chunk.
+void RunChunk(const Shared& s, int64_t p0, int64_t p1) {
+  const int64_t panel_size = s.K * kPanel;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = s.w + p * panel_size;
+    const float* next = p + 1 < p1 ? panel + panel_size : nullptr;  // fetched during the first row block
+    const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel));
+    float* y = s.y + p * kPanel;
+    int64_t r = 0;
+    for (; r + kRows <= s.M; r += kRows, next = nullptr) {
+      Block<kRows>(s.x + r * s.K, s.K, panel, next, y + r * s.N, s.N, cols);
+    }
+    if (r < s.M) Remainder(static_cast<int>(s.M - r), s.x + r * s.K, s.K, panel, next, y + r * s.N, s.N, cols);
+  }
+}
+
+void Drain(Shared& s) {
+  for (int64_t i; (i = s.next.fetch_add(1)) < s.chunks;) {
+    RunChunk(s, i * s.chunk, std::min(s.panels, (i + 1) * s.chunk));
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] || yd[0] != xd[0] ||
+      (yd[1] + kPanel - 1) / kPanel != wd[0]) {
+    return ffi::Error::InvalidArgument("linear: x [M, K], w [ceil(N / 32), K, 32], y [M, N]");
+  }
+  auto sh = std::make_shared<Shared>();
+  Shared& s = *sh;
+  s.x = x.typed_data();
+  s.w = w.typed_data();
+  s.y = y->typed_data();
+  s.M = xd[0];
+  s.K = xd[1];
+  s.N = yd[1];
+  s.panels = wd[0];
+  if (s.M == 0 || s.N == 0) return ffi::Error::Success();
+  // A few chunks per thread: enough to even out a thread that starts late, long enough that
+  // the prefetch of the next panel mostly stays inside a chunk.
+  const int64_t workers = pool.num_threads() + 1;
+  s.chunk = std::max<int64_t>(1, s.panels / (4 * workers));
+  s.chunks = (s.panels + s.chunk - 1) / s.chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s.chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Drain(*sh); });
+  Drain(s);
+  // Chunks a pool thread has claimed are running now; wait for them (never for unstarted tasks).
+  while (s.done.load(std::memory_order_acquire) < s.chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
