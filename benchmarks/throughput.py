@@ -60,12 +60,25 @@ def resolved_dtype(name: str) -> str:
     return "bfloat16" if jax.default_backend() == "gpu" else "float32"
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family/model numbers ("AMD EPYC" alone names several
+    generations, whose vector units differ by 2x), from /proc/cpuinfo; else platform's guess."""
+    try:
+        fields = dict(line.split(":", 1) for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                      if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def device_info() -> dict:
     """What the numbers were measured on: device, jax version, commit, date."""
     import jax
 
     dev = jax.devices()[0]
-    device = dev.device_kind if dev.platform == "gpu" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    device = (dev.device_kind if dev.platform == "gpu"
+              else f"CPU ({os.cpu_count()} cores, {platform.machine()}, {cpu_model()})")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=pathlib.Path(__file__).parent).stdout.strip()
