@@ -101,6 +101,7 @@ def _peak_device_mib_jax() -> float | None:
 
 def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
     """Runs every request through LLMEngine; samples KV accounting after each step."""
+    from benchmarks.roofline import DecodeStepTimer, for_runner
     from jpaged import LLM, SamplingParams
 
     max_len = cfg.max_model_len or max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
@@ -127,15 +128,17 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
         engine.add_request(f"b{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
     allocated = used = peak_allocated = 0
     num_out = 0
+    roofline = for_runner(engine.runner)
     start = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                num_out += len(out.outputs[0].token_ids)
-        stats = engine.get_stats()
-        allocated += stats["kv_slots_allocated"]
-        used += stats["kv_tokens_used"]
-        peak_allocated = max(peak_allocated, stats["kv_slots_allocated"])
+    with DecodeStepTimer(engine.runner, roofline):
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    num_out += len(out.outputs[0].token_ids)
+            stats = engine.get_stats()
+            allocated += stats["kv_slots_allocated"]
+            used += stats["kv_tokens_used"]
+            peak_allocated = max(peak_allocated, stats["kv_slots_allocated"])
     seconds = time.perf_counter() - start
     stats = engine.get_stats()
     if num_out != work.num_output_tokens:
@@ -150,6 +153,7 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
         # over all steps: KV slots held by running requests that hold no token yet (partial last blocks)
         kv_waste=1 - used / allocated if allocated else 0.0,
         peak_device_mib=_peak_device_mib_jax(),
+        decode_roofline=roofline.as_dict(),
     )
 
 
@@ -222,6 +226,11 @@ def summary(res: dict) -> str:
         lines.append(f"Warm-up: {res['warmup_seconds']:.1f}s, compiles after warm-up: {res['num_compiles_after_warmup']}, "
                      f"padding efficiency: {res['padding_efficiency']:.3f}, preemptions: {res['num_preemptions']}, "
                      f"prefix-cache hits while timed: {res['prefix_cache_hits']}")
+        roof = res["decode_roofline"]
+        if roof["decode_steps"]:
+            lines.append(f"Decode vs memory roofline: {100 * roof['roofline_fraction']:.0f}% ({roof['decode_steps']} "
+                         f"decode-only steps, mean batch {roof['mean_batch']:.1f}: {roof['mean_step_ms']:.1f} ms per "
+                         f"step, bound {roof['mean_roofline_step_ms']:.1f} ms at {roof['copy_bandwidth_gb_s']:.1f} GB/s)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,125 @@
+"""Decode steps against the memory-bandwidth roofline.
+
+A decode step must at least read every weight it multiplies by and the K/V of every position it
+attends to, so its shortest possible time is those bytes over the device's memory bandwidth:
+
+    roofline seconds = (weight bytes + sum(kv_lens) x KV bytes per position) / copy bandwidth
+
+The copy bandwidth is measured on the same device (a jitted elementwise pass over a large array,
+counting the bytes read and written), and `roofline_fraction` is roofline seconds over measured
+seconds, summed over the run's decode-only steps: 1.0 is the bound, the GPU bar is >= 0.5
+("decode within 2x of the roofline").
+
+`DecodeStepTimer` wraps a ModelRunner's `step` (each call ends with the sampled tokens on the
+host, so its wall time is the step's time as the engine sees it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.runner.batch import BatchInputs
+
+
+def measure_copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
+    """Bytes moved per second (read + written) by `x + 1` over a float32 array of num_bytes, best of repeats."""
+    x = jnp.zeros(num_bytes // 4, jnp.float32)
+    step = jax.jit(lambda a: a + 1.0)
+    step(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.nbytes / best
+
+
+def weight_bytes(runner) -> int:
+    """Parameter bytes a decode step reads: all of them, except an embedding table that is only
+    gathered from (when a separate lm_head, packed copy or untied, does the projection)."""
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state))
+    has_head = "lm_head" in runner.state and runner.state["lm_head"] is not None
+    return total - (runner.state["embed"].nbytes if has_head else 0)
+
+
+def kv_bytes_per_position(runner) -> int:
+    """K and V of one position over all layers: sum over layers of 2 x K x H x itemsize."""
+    return sum(k.nbytes // (k.shape[0] * k.shape[1]) + v.nbytes // (v.shape[0] * v.shape[1])
+               for k, v in runner.kv_caches)
+
+
+def decode_kv_positions(batch: BatchInputs) -> int | None:
+    """Positions a decode-only step attends to (sum of its sequences' kv_lens), or None when any
+    sequence in the step has more than one query token (a prefill chunk) or there is none."""
+    q_lens = np.diff(np.asarray(batch.meta.cu_q_lens))
+    real = q_lens > 0
+    if not real.any() or (q_lens[real] != 1).any():
+        return None
+    return int(np.asarray(batch.meta.kv_lens)[real].sum())
+
+
+@dataclasses.dataclass
+class DecodeRoofline:
+    copy_bandwidth_bytes_per_s: float
+    weight_bytes: int
+    kv_bytes_per_position: int
+    num_steps: int = 0  # decode-only steps timed
+    num_seqs: int = 0  # sequences over those steps (mean batch = num_seqs / num_steps)
+    seconds: float = 0.0  # their measured time
+    bytes: int = 0  # bytes they had to read at least
+
+    def add(self, num_seqs: int, kv_positions: int, seconds: float) -> None:
+        self.num_steps += 1
+        self.num_seqs += num_seqs
+        self.seconds += seconds
+        self.bytes += self.weight_bytes + kv_positions * self.kv_bytes_per_position
+
+    @property
+    def roofline_seconds(self) -> float:
+        return self.bytes / self.copy_bandwidth_bytes_per_s
+
+    def as_dict(self) -> dict:
+        steps = max(self.num_steps, 1)
+        return dict(
+            copy_bandwidth_gb_s=self.copy_bandwidth_bytes_per_s / 1e9,
+            weight_mib=self.weight_bytes / 2**20,
+            decode_steps=self.num_steps,
+            mean_batch=self.num_seqs / steps,
+            mean_step_ms=1e3 * self.seconds / steps,
+            mean_roofline_step_ms=1e3 * self.roofline_seconds / steps,
+            roofline_fraction=self.roofline_seconds / self.seconds if self.seconds else None,
+        )
+
+
+class DecodeStepTimer:
+    """Times a runner's decode-only steps into a DecodeRoofline; other steps pass through untimed."""
+
+    def __init__(self, runner, roofline: DecodeRoofline):
+        self.runner, self.roofline = runner, roofline
+        self._step = runner.step
+
+    def __enter__(self) -> DecodeRoofline:
+        def timed_step(batch: BatchInputs):
+            positions = decode_kv_positions(batch)
+            start = time.perf_counter()
+            out = self._step(batch)
+            if positions is not None:
+                num_seqs = int((np.diff(np.asarray(batch.meta.cu_q_lens)) > 0).sum())
+                self.roofline.add(num_seqs, positions, time.perf_counter() - start)
+            return out
+
+        self.runner.step = timed_step
+        return self.roofline
+
+    def __exit__(self, *exc) -> None:
+        del self.runner.step  # the class's method again
+
+
+def for_runner(runner) -> DecodeRoofline:
+    """A DecodeRoofline for this runner's model and KV layout, with the copy bandwidth measured now."""
+    return DecodeRoofline(measure_copy_bandwidth(), weight_bytes(runner), kv_bytes_per_position(runner))
