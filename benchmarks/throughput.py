@@ -230,7 +230,7 @@ def summary(res: dict) -> str:
         if roof["decode_steps"]:
             lines.append(f"Decode vs memory roofline: {100 * roof['roofline_fraction']:.0f}% ({roof['decode_steps']} "
                          f"decode-only steps, mean batch {roof['mean_batch']:.1f}: {roof['mean_step_ms']:.1f} ms per "
-                         f"step, bound {roof['mean_roofline_step_ms']:.1f} ms at {roof['copy_bandwidth_gb_s']:.1f} GB/s)")
+                         f"step, bound {roof['mean_roofline_step_ms']:.1f} ms at {roof['bandwidth_gb_s']:.1f} GB/s)")
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ def test_bytes_counted_by_hand(engine):
 
 
 def test_fraction_is_roofline_over_measured():
-    roof = DecodeRoofline(copy_bandwidth_bytes_per_s=1e4, weight_bytes=1000, kv_bytes_per_position=10)
+    roof = DecodeRoofline(bandwidth_bytes_per_s=1e4, weight_bytes=1000, kv_bytes_per_position=10)
     roof.add(num_seqs=2, kv_positions=50, seconds=0.5)  # 1500 bytes: 0.15 s at the roofline
     roof.add(num_seqs=4, kv_positions=150, seconds=0.5)  # 2500 bytes: 0.25 s
     d = roof.as_dict()
@@ -48,7 +48,7 @@ def test_fraction_is_roofline_over_measured():
 
 
 def test_timer_counts_each_decode_step(engine):
-    roof = DecodeRoofline(copy_bandwidth_bytes_per_s=1e9, weight_bytes=weight_bytes(engine.runner),
+    roof = DecodeRoofline(bandwidth_bytes_per_s=1e9, weight_bytes=weight_bytes(engine.runner),
                           kv_bytes_per_position=kv_bytes_per_position(engine.runner))
     # Two prompts of 10 tokens fit one step (budget 32); then 4 decode steps of both sequences
     # (the fifth sampled token comes with the prefill), each attending to 11..14 positions.
