@@ -2,12 +2,13 @@
 
     asyncio loop (handlers)                              engine thread (owns the LLMEngine)
     add_request ─► inbox (SimpleQueue) + wake event ──► add_request / abort, between steps
-    RequestStream ◄─ loop.call_soon_threadsafe(push) ◄── step() -> cumulative RequestOutputs
+    RequestStream ◄─ loop.call_soon_threadsafe(push) ◄── step() -> RequestOutput deltas
 
 The LLMEngine is not thread-safe, so only the engine thread touches it (tokenizing is read-only
-and happens on the caller's side). A stream keeps only the newest cumulative output; the reader
-turns it into a delta against what it has already returned, so a client that reads slower than
-the engine writes gets one merged delta, never a backlog.
+and happens on the caller's side). The engine emits deltas (RequestOutputKind.DELTA: a step
+costs what it generated, not what the requests hold); a stream merges the deltas its reader has
+not taken yet, so a client that reads slower than the engine writes gets one merged delta,
+never a backlog.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jpaged.engine.llm_engine import LLMEngine, PromptType
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import RequestOutput, RequestOutputKind
 from jpaged.request_stream import RequestStream, RequestTimings
 from jpaged.sampling_params import SamplingParams
 
@@ -50,14 +51,6 @@ class _Abort:
     req_id: str
 
 
-@dataclasses.dataclass
-class _Live:
-    """What the engine thread knows of a request it runs."""
-
-    stream: RequestStream
-    num_tokens: int = 0  # output tokens over all n sequences, as of the last step
-
-
 class AsyncLLMEngine:
     """Runs an LLMEngine on a dedicated thread; `generate()` streams each request's deltas.
 
@@ -72,7 +65,7 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jpaged-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._live: dict[str, _Live] = {}  # engine thread only
+        self._live: dict[str, RequestStream] = {}  # requests the engine runs; engine thread only
         self._stopping = False
         self._error: BaseException | None = None
         # Read by the event loop, written by the engine thread: guarded by _lock.
@@ -239,11 +232,12 @@ class AsyncLLMEngine:
             num_added += item.params.n
             stream = item.stream
             try:
-                self.engine.add_request(stream.req_id, item.prompt, item.params, priority=item.priority)
+                self.engine.add_request(stream.req_id, item.prompt, item.params, priority=item.priority,
+                                        output_kind=RequestOutputKind.DELTA)
             except ValueError as exc:
                 self._reply(item.accepted, exc)
                 continue
-            self._live[stream.req_id] = _Live(stream)
+            self._live[stream.req_id] = stream
             self._num_prompt_tokens += len(stream.prompt_token_ids)
             self._reply(item.accepted, None)
         if num_items:  # /metrics must show freed blocks even when the engine goes idle now
@@ -251,20 +245,17 @@ class AsyncLLMEngine:
 
     def _count_tokens(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            live = self._live.get(out.req_id)
-            if live is not None:
-                num_tokens = sum(len(c.token_ids) for c in out.outputs)
-                self._num_generation_tokens += num_tokens - live.num_tokens
-                live.num_tokens = num_tokens
+            if out.req_id in self._live:
+                self._num_generation_tokens += sum(len(c.token_ids) for c in out.outputs)
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         for out in outputs:
-            live = self._live.get(out.req_id)
-            if live is None:
+            stream = self._live.get(out.req_id)
+            if stream is None:
                 continue  # aborted while the step ran
             if out.finished:
                 del self._live[out.req_id]
-            self._call_soon(live.stream.push, out, now)
+            self._call_soon(stream.push, out, now)
 
     def _refresh_stats(self, num_applied: int = 0) -> None:
         stats = self.engine.get_stats()
@@ -303,8 +294,8 @@ class AsyncLLMEngine:
 
     def _fail_everything(self, error: Exception) -> None:
         self._stopping = True  # set before draining: an add that arrives later sees it in _check_alive
-        for live in self._live.values():
-            self._call_soon(live.stream.fail, error)
+        for stream in self._live.values():
+            self._call_soon(stream.fail, error)
         self._live.clear()
         while True:
             try:

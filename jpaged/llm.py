@@ -8,7 +8,7 @@ from typing import Sequence
 
 from jpaged.config import EngineConfig
 from jpaged.engine.llm_engine import LLMEngine, PromptType
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import RequestOutput, RequestOutputKind
 from jpaged.sampling_params import SamplingParams
 
 Message = dict[str, str]
@@ -54,7 +54,8 @@ class LLM:
             for i, (prompt, p) in enumerate(zip(prompts, params_list)):
                 req_id = str(next(self._ids))
                 try:
-                    self.engine.add_request(req_id, prompt, p)
+                    # Only finished outputs are read here: no per-step copies of running requests.
+                    self.engine.add_request(req_id, prompt, p, output_kind=RequestOutputKind.FINAL_ONLY)
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
                 req_ids.append(req_id)

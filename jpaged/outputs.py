@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+
+
+class RequestOutputKind(enum.Enum):
+    """What LLMEngine.step returns for a request (vLLM's names). Each step's outputs cost time in
+    proportion to what they carry, so a caller asks only for what it reads."""
+
+    CUMULATIVE = "cumulative"  # after every step that advanced it: everything generated so far
+    DELTA = "delta"  # after every step that advanced it: only what is new (text, ids, logprobs, finish)
+    FINAL_ONLY = "final_only"  # once, when it has finished: everything
 
 
 @dataclasses.dataclass

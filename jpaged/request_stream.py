@@ -1,9 +1,9 @@
-"""One request's output collector: cumulative outputs in (engine side), deltas out (reader side).
+"""One request's output collector: deltas in (engine side), merged deltas out (reader side).
 
-The engine pushes the request's newest cumulative RequestOutput after every step it advanced;
-the collector keeps only the newest. The reader gets the difference to what it already returned
-(text[len(sent):], token_ids[len(sent):], logprobs likewise, a finish reason once), so however
-slowly it reads, it gets every token exactly once. Everything here runs on the event loop.
+The engine pushes a RequestOutput delta after every step that advanced the request; the
+collector appends it to what the reader has not taken yet (text, token ids and logprobs per
+completion, its finish reason), so however slowly the reader reads, it gets every token exactly
+once, in one merged delta per read. Everything here runs on the event loop.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ class RequestTimings:
         return None if self.last_token_time is None or self.aborted else self.last_token_time - self.arrival_time
 
 
-@dataclasses.dataclass
-class _Sent:
-    num_chars: int = 0
-    num_token_ids: int = 0
-    num_logprobs: int = 0
-    finished: bool = False
-
-
 class RequestStream:
     """Async iterator of one request's deltas; a context manager that aborts it if left unfinished."""
 
@@ -60,11 +52,13 @@ class RequestStream:
         self.timings = RequestTimings(req_id, len(prompt_token_ids), time.monotonic())
         self._on_close = on_close
         self._on_done = on_done
-        self._latest: RequestOutput | None = None
-        self._has_new = False
+        self._prompt: str | None = None
+        self._pending: dict[int, CompletionOutput] = {}  # by completion index: what the reader has not taken
+        self._num_tokens = [0] * n  # generated tokens per completion, as pushed so far
+        self._finish_reasons: list[str | None] = [None] * n
+        self._returned_last = False  # the reader has had the output that says finished
         self._error: BaseException | None = None
         self._event = asyncio.Event()
-        self._sent = [_Sent() for _ in range(n)]
         self.finished = False  # the engine sent the last output
         self._closed = False
 
@@ -76,11 +70,24 @@ class RequestStream:
         else:
             t.inter_token_latencies.append(now - t.last_token_time)
         t.last_token_time = now
-        self._latest, self._has_new = out, True
+        self._prompt = out.prompt
+        for c in out.outputs:
+            self._num_tokens[c.index] += len(c.token_ids)
+            self._finish_reasons[c.index] = c.finish_reason or self._finish_reasons[c.index]
+            held = self._pending.get(c.index)
+            if held is None:
+                self._pending[c.index] = CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
+                                                          None if c.logprobs is None else list(c.logprobs))
+                continue
+            held.text += c.text
+            held.token_ids += c.token_ids
+            if c.logprobs is not None:
+                held.logprobs = (held.logprobs or []) + c.logprobs
+            held.finish_reason = c.finish_reason or held.finish_reason
+        t.num_generation_tokens = sum(self._num_tokens)
         if out.finished and not self.finished:
             self.finished = True
-            t.num_generation_tokens = sum(len(c.token_ids) for c in out.outputs)
-            t.finish_reasons = [c.finish_reason for c in out.outputs]
+            t.finish_reasons = list(self._finish_reasons)
             if not self._closed:
                 self._on_done(t)
         self._event.set()
@@ -95,32 +102,17 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         while True:
-            if self._has_new:
-                self._has_new = False
-                delta = self._delta(self._latest)
-                if delta.outputs or delta.finished:
-                    return delta
+            if self._pending or (self.finished and not self._returned_last):
+                merged = [self._pending[i] for i in sorted(self._pending)]
+                self._pending = {}
+                self._returned_last = self.finished
+                return RequestOutput(self.req_id, self._prompt, self.prompt_token_ids, merged, self.finished)
             if self._error is not None:
                 raise self._error
             if self.finished or self._closed:
                 raise StopAsyncIteration
             self._event.clear()
             await self._event.wait()
-
-    def _delta(self, out: RequestOutput) -> RequestOutput:
-        changed = []
-        for c in out.outputs:
-            sent = self._sent[c.index]
-            text, ids = c.text[sent.num_chars :], c.token_ids[sent.num_token_ids :]
-            logprobs = None if c.logprobs is None else c.logprobs[sent.num_logprobs :]
-            reason = c.finish_reason if c.finish_reason is not None and not sent.finished else None
-            if not (text or ids or reason):
-                continue
-            sent.num_chars, sent.num_token_ids = len(c.text), len(c.token_ids)
-            sent.num_logprobs = 0 if c.logprobs is None else len(c.logprobs)
-            sent.finished = sent.finished or reason is not None
-            changed.append(CompletionOutput(c.index, text, ids, reason, logprobs))
-        return RequestOutput(out.req_id, out.prompt, out.prompt_token_ids, changed, out.finished)
 
     def close(self) -> None:
         """Aborts the request unless the engine already finished it. Idempotent."""
@@ -129,8 +121,6 @@ class RequestStream:
         self._closed = True
         if not self.finished and self._error is None:
             self.timings.aborted = True
-            if self._latest is not None:
-                self.timings.num_generation_tokens = sum(len(c.token_ids) for c in self._latest.outputs)
             self._on_close(self.req_id)
             self._on_done(self.timings)
         self._event.set()

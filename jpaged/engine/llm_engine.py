@@ -21,7 +21,7 @@ from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.model_loading import bucket_spec, enable_compilation_cache, load_model, max_model_len
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from jpaged.models.params import build_model
-from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
 from jpaged.sampling_params import SamplingParams
@@ -41,6 +41,10 @@ class _Completion:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
+    # What DELTA outputs have already carried: token ids (and logprobs), characters, the finish.
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    sent_finish: bool = False
 
 
 @dataclasses.dataclass
@@ -50,6 +54,7 @@ class _Tracked:
     prompt_token_ids: list[int]
     params: SamplingParams
     completions: list[_Completion]
+    output_kind: RequestOutputKind
 
 
 class LLMEngine:
@@ -117,9 +122,13 @@ class LLMEngine:
         raise ValueError(f"a prompt must be a str, a list of token ids or a dict with prompt_token_ids, got {prompt!r:.80}")
 
     def add_request(
-        self, req_id: str, prompt: PromptType, params: SamplingParams | None = None, *, priority: int = 0
+        self, req_id: str, prompt: PromptType, params: SamplingParams | None = None, *, priority: int = 0,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
     ) -> None:
-        """Queues a request; raises ValueError (nothing queued) if it is invalid or can never fit."""
+        """Queues a request; raises ValueError (nothing queued) if it is invalid or can never fit.
+
+        output_kind says what step() returns for it: cumulative outputs, deltas, or only the final one.
+        """
         params = params or SamplingParams()
         if req_id in self._tracked:
             raise ValueError(f"request id {req_id!r} is already in use")
@@ -131,7 +140,7 @@ class LLMEngine:
             raise ValueError(f"the prompt has token ids outside [0, {vocab})")
         self.scheduler.check_fits(len(ids), params.max_tokens)
         arrival = time.monotonic()
-        tracked = _Tracked(req_id, text, ids, params, [])
+        tracked = _Tracked(req_id, text, ids, params, [], output_kind)
         for i in range(params.n):
             seed = self._child_seed(params.seed, i)
             sched_id = req_id if params.n == 1 else f"{req_id}#{i}"
@@ -165,7 +174,8 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns the (cumulative) outputs of requests that advanced."""
+        """Runs one scheduled step; returns the outputs of requests that advanced, each of its
+        request's output kind (a FINAL_ONLY request appears only when it has finished)."""
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
@@ -201,23 +211,39 @@ class LLMEngine:
 
         outputs = []
         for tracked in advanced.values():
-            out = self._request_output(tracked)
-            if out.finished:
+            finished = all(c.finish_reason is not None for c in tracked.completions)
+            if finished:
                 del self._tracked[tracked.req_id]
-            outputs.append(out)
+            elif tracked.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
+            completions = (self._deltas(tracked) if tracked.output_kind is RequestOutputKind.DELTA
+                           else [self._cumulative(c) for c in tracked.completions])
+            outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished))
         return outputs
 
-    def _request_output(self, tracked: _Tracked) -> RequestOutput:
-        completions = []
+    @staticmethod
+    def _visible_text(c: _Completion) -> str:
+        return c.detokenizer.visible_text(c.finish_reason is not None) if c.detokenizer is not None else ""
+
+    def _cumulative(self, c: _Completion) -> CompletionOutput:
+        return CompletionOutput(c.index, self._visible_text(c), list(c.token_ids), c.finish_reason,
+                                None if c.logprobs is None else list(c.logprobs))
+
+    def _deltas(self, tracked: _Tracked) -> list[CompletionOutput]:
+        """What is new in each completion since its last delta; completions with nothing new are left out."""
+        deltas = []
         for c in tracked.completions:
-            done = c.finish_reason is not None
-            text = c.detokenizer.visible_text(done) if c.detokenizer is not None else ""
-            completions.append(CompletionOutput(
-                c.index, text, list(c.token_ids), c.finish_reason,
-                None if c.logprobs is None else list(c.logprobs),
-            ))
-        finished = all(c.finish_reason is not None for c in tracked.completions)
-        return RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished)
+            text = self._visible_text(c)[c.num_sent_chars :]  # visible text only grows (stop strings are held back)
+            ids = c.token_ids[c.num_sent_tokens :]
+            reason = None if c.sent_finish else c.finish_reason
+            if not (text or ids or reason):
+                continue
+            logprobs = None if c.logprobs is None else c.logprobs[c.num_sent_tokens :]
+            c.num_sent_chars += len(text)
+            c.num_sent_tokens = len(c.token_ids)
+            c.sent_finish = reason is not None or c.sent_finish
+            deltas.append(CompletionOutput(c.index, text, ids, reason, logprobs))
+        return deltas
 
     # -- stats ----------------------------------------------------------------------------
     def get_stats(self) -> dict[str, float]:

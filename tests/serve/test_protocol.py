@@ -109,19 +109,20 @@ def test_chat_fields():
 
 
 def test_stream_merges_what_a_slow_reader_missed_and_aborts_when_closed():
-    def out(texts, reasons, finished):
+    def out(deltas, finished):
+        """deltas: (index, text, first token id, finish reason); one token id per character."""
         return RequestOutput("r", None, [1, 2], [
-            CompletionOutput(i, t, list(range(len(t))), r, [{0: -0.5}] * len(t))
-            for i, (t, r) in enumerate(zip(texts, reasons))], finished)
+            CompletionOutput(i, t, list(range(first, first + len(t))), r, [{0: -0.5}] * len(t))
+            for i, t, first, r in deltas], finished)
 
     async def main():
         aborted, done = [], []
         stream = RequestStream("r", [1, 2], 2, on_close=aborted.append, on_done=done.append)
-        stream.push(out(["a", ""], [None, None], False), 1.0)
-        stream.push(out(["ab", "x"], [None, None], False), 1.5)
-        stream.push(out(["abc", "x"], ["length", None], False), 2.0)
+        stream.push(out([(0, "a", 0, None)], False), 1.0)
+        stream.push(out([(0, "b", 1, None), (1, "x", 0, None)], False), 1.5)
+        stream.push(out([(0, "c", 2, "length")], False), 2.0)
         first = await anext(stream)
-        stream.push(out(["abc", "xy"], ["length", "stop"], True), 2.5)
+        stream.push(out([(1, "y", 1, "stop")], True), 2.5)
         second = await anext(stream)
         with pytest.raises(StopAsyncIteration):
             await anext(stream)
@@ -197,3 +198,19 @@ def test_error_middleware_shapes_every_error():
                                             "param": None, "code": None})
     assert results["method"][0] == 405 and results["method"][2] == "POST"
     assert results["large"][0] == 413 and "Maximum request body size 1024 exceeded" in results["large"][1]["message"]
+
+
+def test_stream_returns_a_finish_that_carries_nothing_new():
+    async def main():
+        stream = RequestStream("r", [1], 1, on_close=lambda req_id: None, on_done=lambda timings: None)
+        stream.push(RequestOutput("r", "p", [1], [CompletionOutput(0, "a", [5], None)], False), 1.0)
+        first = await anext(stream)
+        stream.push(RequestOutput("r", "p", [1], [], True), 1.5)
+        last = await anext(stream)
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+        return first, last
+
+    first, last = asyncio.run(main())
+    assert not first.finished and first.outputs[0].text == "a" and first.prompt == "p"
+    assert last.finished and last.outputs == []
