@@ -4,12 +4,12 @@ from jpaged.async_engine import AsyncLLMEngine, EngineDeadError
 from jpaged.config import EngineConfig
 from jpaged.engine.llm_engine import LLMEngine
 from jpaged.llm import LLM
-from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.request_stream import RequestStream, RequestTimings
 from jpaged.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+    "LLM", "SamplingParams", "EngineConfig", "RequestOutput", "RequestOutputKind", "CompletionOutput",
     "LLMEngine", "AsyncLLMEngine", "EngineDeadError", "RequestStream", "RequestTimings",
 ]
 __version__ = "0.1.0"
