@@ -182,7 +182,7 @@ def plot(rows: list[dict], title: str, xlabel: str, path: pathlib.Path) -> None:
         bottom.plot(x, ttft, "o-", color=colors[system], label=f"{system} mean TTFT")
     top.set_ylabel("requests/s")
     mem_axis.set_ylabel("peak memory (GiB)")
-    top.set_title(title)
+    top.set_title(title, fontsize=10)
     handles = top.get_legend_handles_labels()[0] + mem_axis.get_legend_handles_labels()[0]
     top.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
     bottom.set_ylabel("time to first token (s)")
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += json.loads(pathlib.Path(f.name).read_text())
     print("\n" + table(rows))
     (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    plot(rows, f"jpaged vs HF transformers: {meta['model']}, {meta['dtype']}, {meta['device']}",
+    plot(rows, f"jpaged vs HF transformers: {meta['model']}, {meta['dtype']}\n{meta['device']}",
          f"concurrency ({args.input_len} in / {args.output_len} out tokens)", out_dir / f"{stem}.png")
     print(f"wrote {out_dir / (stem + '.json')} and {stem}.png")
     return 0

@@ -150,6 +150,15 @@ inline void AccumulatePV(float* __restrict acc, float alpha, const float* p, con
   }
 }
 
+// Offset of KV position j's [K, H] row in the pools, through the sequence's block table. Page
+// ids are clamped into the pool and the page index to the table, so a bad table reads a wrong
+// row, never outside the pool.
+inline int64_t RowOffset(const Problem& pb, const int32_t* table, int32_t j) {
+  const int64_t page_idx = std::min<int64_t>(j / pb.page_size, pb.pages_per_seq - 1);
+  const int64_t page = std::clamp<int64_t>(table[page_idx], 0, pb.num_pages - 1);
+  return (page * pb.page_size + j % pb.page_size) * pb.num_kv_heads * pb.head_dim;
+}
+
 // One sequence's tile of tokens, all heads: row r is token r / N, query head r % N, which reads
 // KV head (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
 // kHeadDim > 0 fixes H at compile time, so a row's accumulator stays in registers.
@@ -179,25 +188,20 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   // Few rows (decode): one dot per (row, position) straight from the pool. Many rows (prefill
   // tiles): K transposed once per block, so scores are rank-1 updates along the block.
   const bool transpose = rows >= kTransposeRows;
-  const float* kv_row[kBlock];  // offset of position j0 + jj's [K, H] row in the pools
+  const float* kv_row[kBlock];  // V pool row [K, H] of position j0 + jj
   for (int32_t j0 = begin; j0 < end; j0 += kBlock) {
     const int n = std::min<int32_t>(kBlock, end - j0);
     // Pages are scattered over the pool, so the hardware prefetcher stops at every page end:
     // request the next block's rows while this one computes.
     for (int32_t j = j0 + kBlock; j < std::min<int32_t>(end, j0 + 2 * kBlock); ++j) {
-      const int64_t page = std::clamp<int64_t>(table[std::min<int64_t>(j / pb.page_size, pb.pages_per_seq - 1)], 0,
-                                               pb.num_pages - 1);
-      const int64_t offset = (page * pb.page_size + j % pb.page_size) * K * H;
+      const int64_t offset = RowOffset(pb, table, j);
       for (int64_t x = 0; x < K * H; x += 16) {
         __builtin_prefetch(pb.k + offset + x);
         __builtin_prefetch(pb.v + offset + x);
       }
     }
     for (int jj = 0; jj < n; ++jj) {
-      const int32_t j = j0 + jj;
-      const int64_t page_idx = std::min<int64_t>(j / pb.page_size, pb.pages_per_seq - 1);
-      const int64_t page = std::clamp<int64_t>(table[page_idx], 0, pb.num_pages - 1);
-      const int64_t offset = (page * pb.page_size + j % pb.page_size) * K * H;
+      const int64_t offset = RowOffset(pb, table, j0 + jj);
       const float* kr = pb.k + offset;
       kv_row[jj] = pb.v + offset;
       if (transpose) {
