@@ -82,7 +82,8 @@ class RequestStream:
             held.text += c.text
             held.token_ids += c.token_ids
             if c.logprobs is not None:
-                held.logprobs = (held.logprobs or []) + c.logprobs
+                held.logprobs = held.logprobs or []
+                held.logprobs += c.logprobs
             held.finish_reason = c.finish_reason or held.finish_reason
         t.num_generation_tokens = sum(self._num_tokens)
         if out.finished and not self.finished:
