@@ -59,14 +59,14 @@ def kv_bytes_per_position(runner) -> int:
                for k, v in runner.kv_caches)
 
 
-def decode_kv_positions(batch: BatchInputs) -> int | None:
-    """Positions a decode-only step attends to (sum of its sequences' kv_lens), or None when any
-    sequence in the step has more than one query token (a prefill chunk) or there is none."""
+def decode_step_shape(batch: BatchInputs) -> tuple[int, int] | None:
+    """(sequences, positions attended to = sum of their kv_lens) of a decode-only step, or None
+    when any sequence in the step has more than one query token (a prefill chunk) or there is none."""
     q_lens = np.diff(np.asarray(batch.meta.cu_q_lens))
     real = q_lens > 0
     if not real.any() or (q_lens[real] != 1).any():
         return None
-    return int(np.asarray(batch.meta.kv_lens)[real].sum())
+    return int(real.sum()), int(np.asarray(batch.meta.kv_lens)[real].sum())
 
 
 @dataclasses.dataclass
@@ -111,12 +111,11 @@ class DecodeStepTimer:
 
     def __enter__(self) -> DecodeRoofline:
         def timed_step(batch: BatchInputs):
-            positions = decode_kv_positions(batch)
+            shape = decode_step_shape(batch)
             start = time.perf_counter()
             out = self._step(batch)
-            if positions is not None:
-                num_seqs = int((np.diff(np.asarray(batch.meta.cu_q_lens)) > 0).sum())
-                self.roofline.add(num_seqs, positions, time.perf_counter() - start)
+            if shape is not None:
+                self.roofline.add(*shape, time.perf_counter() - start)
             return out
 
         self.runner.step = timed_step

@@ -54,7 +54,6 @@ class RequestStream:
         self._on_done = on_done
         self._prompt: str | None = None
         self._pending: dict[int, CompletionOutput] = {}  # by completion index: what the reader has not taken
-        self._num_tokens = [0] * n  # generated tokens per completion, as pushed so far
         self._finish_reasons: list[str | None] = [None] * n
         self._returned_last = False  # the reader has had the output that says finished
         self._error: BaseException | None = None
@@ -72,7 +71,7 @@ class RequestStream:
         t.last_token_time = now
         self._prompt = out.prompt
         for c in out.outputs:
-            self._num_tokens[c.index] += len(c.token_ids)
+            t.num_generation_tokens += len(c.token_ids)
             self._finish_reasons[c.index] = c.finish_reason or self._finish_reasons[c.index]
             held = self._pending.get(c.index)
             if held is None:
@@ -85,7 +84,6 @@ class RequestStream:
                 held.logprobs = held.logprobs or []
                 held.logprobs += c.logprobs
             held.finish_reason = c.finish_reason or held.finish_reason
-        t.num_generation_tokens = sum(self._num_tokens)
         if out.finished and not self.finished:
             self.finished = True
             t.finish_reasons = list(self._finish_reasons)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.roofline import DecodeRoofline, DecodeStepTimer, decode_kv_positions, kv_bytes_per_position, weight_bytes
+from benchmarks.roofline import DecodeRoofline, DecodeStepTimer, decode_step_shape, kv_bytes_per_position, weight_bytes
 from jpaged.config import EngineConfig
 from jpaged.engine.llm_engine import LLMEngine
 from jpaged.runner.batch import build_batch
@@ -24,9 +24,9 @@ def engine(tiny_models):
 def test_decode_positions_only_for_decode_only_steps(engine):
     spec = engine.runner.spec
     decode = [make_chunk([5], 9, [1]), make_chunk([7], 20, [2, 3])]  # kv_lens 10 and 21
-    assert decode_kv_positions(build_batch(decode, spec)) == 31
+    assert decode_step_shape(build_batch(decode, spec)) == (2, 31)
     mixed = decode + [make_chunk([4, 5, 6], 0, [4])]
-    assert decode_kv_positions(build_batch(mixed, spec)) is None
+    assert decode_step_shape(build_batch(mixed, spec)) is None
 
 
 def test_bytes_counted_by_hand(engine):
