@@ -1,4 +1,4 @@
-"""`jpaged` command line: convert, generate, serve, bench."""
+"""`jpaged` command line: convert, generate, serve, cache, bench."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 1."""
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, warmup: str) -> None:
     p.add_argument("--model", default=None, help="jpaged checkpoint, HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -30,12 +30,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--attn-backend", default="auto", help="auto | cpu | xla | pallas")
     p.add_argument("--linear-backend", default="auto", help="auto | cpu | xla (the projections' kernels)")
+    p.add_argument("--warmup", default=warmup, choices=["full", "lazy"],
+                   help=f"compile every step shape before ready (full) or each when first needed (lazy); default {warmup}")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "num_kv_blocks", "block_size", "attn_backend", "linear_backend", "seed"]
+             "num_kv_blocks", "block_size", "attn_backend", "linear_backend", "warmup", "seed"]
     return {name: getattr(args, name) for name in names}
 
 
@@ -131,8 +133,20 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     run_server(settings)
 
 
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from jpaged import cache
+    from jpaged.model_files import jpaged_home
+
+    if args.action == "info":
+        print(cache.format_info(cache.info(), jpaged_home()))
+    else:
+        removed = cache.clear(args.kind or None)
+        print(f"removed {', '.join(removed) or 'nothing'} from {jpaged_home()}")
+
+
 # jpaged bench KIND -> the benchmarks module whose main(argv) runs it
-BENCHMARKS = {"throughput": "benchmarks.throughput", "serve": "benchmarks.serve_bench", "sweep": "benchmarks.sweep"}
+BENCHMARKS = {"throughput": "benchmarks.throughput", "serve": "benchmarks.serve_bench", "sweep": "benchmarks.sweep",
+              "startup": "benchmarks.startup"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate completions (default: a demo batch of chat prompts)")
-    _add_engine_args(p)
+    _add_engine_args(p, warmup="lazy")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a demo batch")
     p.add_argument("--prompts-file", help="prompts, one per line, or JSONL with prompt / prompt_token_ids")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
@@ -176,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
-    _add_engine_args(p)
+    _add_engine_args(p, warmup="full")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -190,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-interval", type=float, default=5.0, help="seconds between status lines while busy")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), sweep (vs HF)")
+    p = sub.add_parser("cache", help="show (info) or empty (clear) the caches under $JPAGED_HOME")
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--kind", action="append", help="with clear: only this kind (repeatable; see `jpaged cache info`)")
+    p.set_defaults(func=_cmd_cache)
+
+    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), sweep (vs HF), startup")
     p.add_argument("kind", choices=list(BENCHMARKS), help="which benchmark; `jpaged bench KIND --help` for its options")
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench)

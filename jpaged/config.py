@@ -36,6 +36,10 @@ class EngineConfig:
     """auto (pallas on a GPU; on a CPU the C++ kernel for float32, else xla), cpu, xla, pallas."""
     linear_backend: str = "auto"
     """Projections: auto (on a CPU the C++ kernel for float32, else xla), cpu, xla."""
+    warmup: str = "lazy"
+    """When step shapes are compiled: full (every bucket before the engine is ready: no compile
+    while serving; `jpaged serve`'s default) or lazy (a shape when a step first needs it; the
+    default of LLM and `jpaged generate`). Compiled executables are kept on disk either way."""
     seed: int = 0
     """Seed of the engine's generator (per-request seeds of requests that give none; dummy weights)."""
 
@@ -52,4 +56,5 @@ class EngineConfig:
         check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "kv_cache_memory_gib", "> 0")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]")
         check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
+        check(self.warmup in ("full", "lazy"), "warmup", "full|lazy")
         check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1")

@@ -35,7 +35,7 @@ _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-e
 log = logging.getLogger(__name__)
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     # jpaged.model_files.jpaged_home's default; this package imports only jax and numpy.
     root = os.environ.get("JPAGED_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "jpaged")
     return Path(root) / "kernels"
@@ -50,12 +50,26 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family/model numbers and vector extensions ("AMD EPYC"
+    alone names several generations, whose vector units differ by 2x); else platform's guess."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')}, {vector})")
+
+
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
     for part in (*(src.read_bytes() for src in _SOURCES), " ".join(_FLAGS).encode(), compiler.encode(),
                  jax.ffi.include_dir().encode(), jax.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
-    return _cache_dir() / f"jpaged_cpu_{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"jpaged_cpu_{key.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -73,10 +87,20 @@ def _build(compiler: str, target: Path) -> None:
         tmp_path.unlink(missing_ok=True)
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def library_name() -> str | None:
+    """The kernel library's file name, which hashes its sources, flags and the CPU (None: no compiler)."""
+    compiler = _compiler()
+    return None if compiler is None else _library_path(compiler).name
+
+
 @functools.cache
 def unavailable_reason() -> str | None:
     """Builds (once per machine) and registers the kernels; None when they are ready, else why not."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    compiler = _compiler()
     if compiler is None:
         return "no C++ compiler found (set CXX)"
     path = _library_path(compiler)

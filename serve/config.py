@@ -14,8 +14,8 @@ from jpaged import AsyncLLMEngine, EngineConfig, LLMEngine
 class ServerSettings:
     """Options of `jpaged serve` beyond the engine's. Validated on construction."""
 
-    engine: EngineConfig = EngineConfig()
-    """The engine to serve."""
+    engine: EngineConfig = EngineConfig(warmup="full")
+    """The engine to serve (full warm-up: nothing compiles once the server is ready)."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 8000

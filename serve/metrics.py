@@ -18,6 +18,9 @@ _GAUGES = [
     ("jpaged:num_requests_running", "Sequences in the engine's running batch.", "num_requests_running"),
     ("jpaged:num_requests_waiting", "Sequences waiting for a place in the batch.", "num_requests_waiting"),
     ("jpaged:kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0 to 1).", "kv_cache_usage"),
+    # A gauge, so the name stays as documented (a counter would gain `_total`); 0 under --warmup full.
+    ("jpaged:num_compiles_after_warmup", "Step executables compiled after the engine reported ready.",
+     "num_compiles_after_warmup"),
 ]
 _COUNTERS = [
     ("jpaged:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),

@@ -18,7 +18,9 @@ from jpaged.config import EngineConfig
 from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
-from jpaged.engine.model_loading import bucket_spec, enable_compilation_cache, load_model, max_model_len
+from jpaged.engine.model_loading import (
+    StartupClock, bucket_spec, executable_store, load_model, max_model_len, resolve_model_folder,
+)
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from jpaged.models.params import build_model
 from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
@@ -60,16 +62,23 @@ class _Tracked:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        enable_compilation_cache()
         start = time.perf_counter()
-        loaded = load_model(config)
+        phases = StartupClock()
+        with phases("resolve_model"):  # a first use converts the model here
+            folder = resolve_model_folder(config)
+        with phases("load_weights"):
+            loaded = load_model(config, folder)
         self.model_config, self.tokenizer, self.model_dir = loaded.config, loaded.tokenizer, loaded.folder
         self.max_model_len = max_model_len(config, loaded.config)
-        spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype)
-        backend = resolve_backend(config.attn_backend, loaded.dtype)
-        linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
-        model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
-        self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
+        with phases("kernels"):  # the CPU kernels are built (once per machine) and measured here
+            backend = resolve_backend(config.attn_backend, loaded.dtype)
+            linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
+        self.attn_backend, self.linear_backend = backend, linear
+        spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype, attn_backend=backend)
+        with phases("build_model"):
+            model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
+            self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
+            self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
             max_num_batched_tokens=spec.token_buckets[-1],
@@ -79,15 +88,23 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         ))
         self.load_seconds = time.perf_counter() - start
-        self.warmup_seconds = self.runner.warm_up()
+        with phases("compile"):
+            # full: every shape now, so nothing compiles once the engine is ready; lazy: each
+            # shape when a step first needs it.
+            shapes = spec.shapes() if config.warmup == "full" else []
+            self.runner.prepare(shapes)
+        self.warmup_seconds = phases.seconds["compile"]
+        self.startup_seconds = phases.seconds
         self._compiles_at_warmup = self.runner.num_compiles
         self.kv_capacity_tokens = (spec.num_pages - 1) * config.block_size
+        runner = self.runner
         logger.info(
             "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
-            "warm-up compiled %d shapes in %.1fs",
+            "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced)",
             self.model_dir.name, self.model_config.architecture, self.model_config.num_params() / 1e6,
             loaded.dtype.name, backend, linear, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
-            len(spec.shapes()), self.warmup_seconds,
+            config.warmup, len(shapes), len(spec.shapes()), self.warmup_seconds, runner.num_executables_loaded,
+            runner.num_compiles, runner.num_traces,
         )
         self.eos_token_ids = self._eos_token_ids()
         self._rng = np.random.default_rng(config.seed)
@@ -263,6 +280,9 @@ class LLMEngine:
             "num_requests_running": len(sched.running),
             "num_requests_waiting": len(sched.waiting),
             "num_compiles_after_warmup": self.runner.num_compiles - self._compiles_at_warmup,
+            "num_compiles": self.runner.num_compiles,
+            "num_traces": self.runner.num_traces,
+            "num_executables_loaded": self.runner.num_executables_loaded,
             "padding_efficiency": self._num_real_tokens / max(self._num_padded_tokens, 1),
             "warmup_seconds": self.warmup_seconds,
         }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -18,6 +21,8 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.params import ParamTree, random_params
 from jpaged.runner.batch import BucketSpec
 from jpaged.runner.buckets import power_of_two_buckets, token_buckets
+from jpaged.runner.executable_store import ExecutableStore, program_key, tree_signature
+from pallas_kernels import cpu_build
 
 logger = logging.getLogger("jpaged")
 
@@ -31,14 +36,38 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer, or None for token-id-only models
 
 
-def enable_compilation_cache() -> None:
-    """Keeps compiled steps on disk under $JPAGED_HOME/xla_cache: a second start-up with the same
-    model and shapes skips XLA compilation (warm-up then mostly traces). JPAGED_COMPILATION_CACHE=0
-    turns it off. JAX reads the setting once, at its first compilation."""
-    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(jpaged_home() / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+class StartupClock:
+    """Seconds per start-up phase: `with clock("load_weights"): ...` adds to seconds["load_weights"]."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec, runner, *,
+                     backend: str, linear: str) -> ExecutableStore | None:
+    """The on-disk executables of this exact program under $JPAGED_HOME/executables, or None
+    when JPAGED_COMPILATION_CACHE=0. The key holds everything that changes the compiled code."""
+    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0":
+        return None
+    key = program_key(
+        model=json.dumps(dataclasses.asdict(loaded.config), sort_keys=True), dtype=loaded.dtype.name,
+        buckets=repr(spec), attn_backend=backend, linear_backend=linear,
+        kernel_library=cpu_build.library_name() if "cpu" in (backend, linear) else None,
+        params=tree_signature(runner.state), kv_pools=tree_signature(runner.kv_caches),
+    )
+    try:
+        return ExecutableStore(jpaged_home() / "executables", key)
+    except OSError as err:
+        logger.warning("executable cache disabled: %s", err)
+        return None
 
 
 def runtime_dtype(name: str) -> jnp.dtype:
@@ -55,21 +84,26 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def resolve_model_folder(config: EngineConfig) -> Path:
+    """The folder the model loads from: a checkpoint (converted on first use), or with
+    load_format="dummy" the folder of the config.json."""
+    if config.load_format != "dummy":
+        return resolve_model(config.model)
+    if config.model is None:
+        raise ValueError('load_format="dummy" needs model= a config.json or a folder holding one')
+    path = Path(config.model)
+    config_file = path if path.suffix == ".json" else path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json at {config.model}")
+    return config_file.parent
+
+
+def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
     dtype = runtime_dtype(config.dtype)
+    model_config = ModelConfig.from_file(folder / "config.json")
     if config.load_format == "dummy":
-        if config.model is None:
-            raise ValueError('load_format="dummy" needs model= a config.json or a folder holding one')
-        path = Path(config.model)
-        config_file = path if path.suffix == ".json" else path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json at {config.model}")
-        model_config = ModelConfig.from_file(config_file)
-        folder = config_file.parent
         params = random_params(model_config, dtype, seed=config.seed)
     else:
-        folder = resolve_model(config.model)
-        model_config = ModelConfig.from_file(folder / "config.json")
         params = checkpoint.load_params(folder, model_config, dtype)
     return LoadedModel(folder, model_config, params, dtype, _load_tokenizer(folder))
 
@@ -94,8 +128,15 @@ def kv_budget_bytes(config: EngineConfig) -> int:
     return 2 * 2**30  # host memory: a fixed default, tunable with kv_cache_memory_gib
 
 
-def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype) -> BucketSpec:
-    """Sizes the KV pool and lists the step shapes. Fails fast when one max-length sequence cannot fit."""
+def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype, *,
+                attn_backend: str = "xla") -> BucketSpec:
+    """Sizes the KV pool and lists the step shapes. Fails fast when one max-length sequence cannot fit.
+
+    Page buckets exist for the XLA attention, which gathers every page of the block table: there
+    a short context in a full-width table would pay for max_model_len. The kernels (cpu, pallas)
+    walk each sequence's pages only up to its kv_len, so the width costs them nothing and one
+    bucket does: a third of the shapes to compile.
+    """
     bs = config.block_size
     pages_per_seq = math.ceil(max_len / bs)
     num_pages = config.num_kv_blocks
@@ -114,7 +155,8 @@ def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, d
         # instead of 34 (matmuls with M > 1 pack the weights: more memory traffic).
         token_buckets=token_buckets(max(config.max_num_batched_tokens, 1), max(config.max_num_seqs, 8)),
         max_num_seqs_bucket=power_of_two_buckets(8, max(config.max_num_seqs, 8))[-1],
-        page_buckets=power_of_two_buckets(min(8, pages_per_seq), pages_per_seq, factor=4),
+        page_buckets=(power_of_two_buckets(min(8, pages_per_seq), pages_per_seq, factor=4)
+                      if attn_backend == "xla" else (pages_per_seq,)),
         page_size=bs,
         num_pages=num_pages,
     )

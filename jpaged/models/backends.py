@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jpaged.models.attention import BACKENDS
+from jpaged.models.kernel_choice import cpu_kernel_verdict
 from pallas_kernels.cpu_build import unavailable_reason
 
 LINEAR_BACKENDS = ("xla", "cpu")
@@ -18,11 +19,13 @@ def _cpu_kernel_problem(dtype) -> str | None:
     return unavailable_reason()
 
 
-def _resolve(kind: str, name: str, choices, dtype, on_gpu: str) -> str:
+def _resolve(kind: str, name: str, choices, dtype, on_gpu: str, operation: str) -> str:
     if name == "auto":
         if jax.default_backend() == "gpu":
             return on_gpu
-        return "cpu" if _cpu_kernel_problem(dtype) is None else "xla"
+        if _cpu_kernel_problem(dtype) is not None:
+            return "xla"
+        return "cpu" if cpu_kernel_verdict()[operation] else "xla"
     if name not in choices:
         raise ValueError(f"unknown {kind} backend {name!r}; available: auto, {', '.join(choices)}")
     if name == "cpu" and (problem := _cpu_kernel_problem(dtype)) is not None:
@@ -34,15 +37,15 @@ def resolve_backend(name: str, dtype=jnp.float32) -> str:
     """Maps attention backend "auto" to a concrete one for the default device and the KV dtype.
 
     auto: the Pallas kernel on a GPU; on a CPU the C++ kernel for float32 when it can be built
-    (3x faster than the XLA formulation on decode), else XLA.
+    and measures faster than the XLA formulation on this machine (kernel_choice), else XLA.
     """
-    return _resolve("attention", name, tuple(BACKENDS), dtype, on_gpu="pallas")
+    return _resolve("attention", name, tuple(BACKENDS), dtype, on_gpu="pallas", operation="attention")
 
 
 def resolve_linear_backend(name: str, dtype=jnp.float32) -> str:
     """Maps linear backend "auto" to a concrete one for the default device and the weight dtype.
 
-    auto: on a CPU the C++ kernel for float32 when it can be built (XLA runs a decode step's
-    dots on one core), else XLA's dot.
+    auto: on a CPU the C++ kernel for float32 when it can be built and measures faster than
+    XLA's dot on this machine (kernel_choice), else XLA's dot.
     """
-    return _resolve("linear", name, LINEAR_BACKENDS, dtype, on_gpu="xla")
+    return _resolve("linear", name, LINEAR_BACKENDS, dtype, on_gpu="xla", operation="linear")

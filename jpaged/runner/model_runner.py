@@ -1,8 +1,19 @@
-"""Owns the device state (parameters, KV pools) and the jitted step."""
+"""Owns the device state (parameters, KV pools) and the compiled step executables.
+
+Each bucket shape has two executables, compiled ahead of time from abstract shapes
+(`jax.ShapeDtypeStruct`, no device data): the model for (T, B, P) and the sampler for B.
+They come from, in order: this process's table, the on-disk ExecutableStore (no tracing), or
+a lower + compile. Warm-up "full" gets every shape before the engine is ready, compiling
+several at once; "lazy" gets a shape the first time a step needs it.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -11,50 +22,150 @@ from flax import nnx
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.llama import CausalLM
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
+from jpaged.runner.executable_store import ExecutableStore
 from jpaged.runner.sampler import SamplerOutput, sample
+
+logger = logging.getLogger("jpaged")
+
+WARMUP_POLICIES = ("full", "lazy")
+
+
+def compile_workers() -> int:
+    """Threads that compile at once. Tracing holds the GIL, XLA's compile releases it, so one
+    compile per core pays; JPAGED_COMPILE_WORKERS overrides."""
+    return max(1, int(os.environ.get("JPAGED_COMPILE_WORKERS", 0)) or os.cpu_count() or 1)
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs of a pytree of arrays, keeping committed arrays' shardings."""
+    def leaf(x):
+        sharding = x.sharding if isinstance(x, jax.Array) else None
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
 
 
 class ModelRunner:
-    """Runs padded batches through one jitted function; the KV pools are donated and replaced each call."""
+    """Runs padded batches through compiled executables; the KV pools are donated and replaced each call."""
 
-    def __init__(self, model: CausalLM, spec: BucketSpec, *, kv_dtype):
+    def __init__(self, model: CausalLM, spec: BucketSpec, *, kv_dtype, store: ExecutableStore | None = None):
         config = model.config
         self.spec = spec
+        self.store = store
         self.graphdef, self.state = nnx.split(model)
         self.kv_caches = alloc_kv_pools(
             config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype
         )
-        # Python in a jitted function runs only while tracing: this counts compilations.
+        self.vocab_size = config.vocab_size
+        # Python in a traced function runs only while tracing: num_traces counts traces, and a
+        # warm restart from the store must leave it at 0. num_compiles counts XLA compilations.
+        self.num_traces = 0
         self.num_compiles = 0
-        # Two jitted functions: the model varies with (T, B, P), the sampler only with B, so
-        # keeping them apart compiles the sampler a few times instead of once per model shape.
-        # The logits stay on the device between them.
-        self._forward = jax.jit(self._traced_forward, donate_argnums=(1,))
-        self._sample = jax.jit(self._traced_sample)
+        self.num_executables_loaded = 0
+        # Two programs: the model varies with (T, B, P), the sampler only with B, so keeping
+        # them apart compiles the sampler a few times instead of once per model shape. The
+        # logits stay on the device between them.
+        self._jitted = {
+            "forward": jax.jit(self._traced_forward, donate_argnums=(1,)),
+            "sample": jax.jit(self._traced_sample),
+        }
+        self._executables: dict[str, jax.stages.Compiled] = {}
+        self._lock = threading.Lock()  # counters and the table, when a pool compiles
 
     def _traced_forward(self, state, kv_caches, batch: BatchInputs):
-        self.num_compiles += 1
+        self._count("num_traces")
         model = nnx.merge(self.graphdef, state)
         hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.meta)  # [T, D]
         return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
 
     def _traced_sample(self, logits, sampling):
-        self.num_compiles += 1
+        self._count("num_traces")
         return sample(logits, sampling)
+
+    def _count(self, counter: str) -> None:
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+
+    # -- executables ------------------------------------------------------------------------
+    @staticmethod
+    def _names(shape: tuple[int, int, int]) -> tuple[str, str]:
+        t, b, p = shape
+        return f"forward-T{t}-B{b}-P{p}", f"sample-B{b}"
+
+    def _abstract_args(self, name: str, shape: tuple[int, int, int]) -> tuple:
+        batch = dummy_batch(self.spec, *shape)
+        if name.startswith("forward"):
+            return _abstract(self.state), _abstract(self.kv_caches), _abstract(batch)
+        logits = jax.ShapeDtypeStruct((shape[1], self.vocab_size), np.float32)
+        return logits, _abstract(batch.sampling)
+
+    def _lower(self, name: str, shape: tuple[int, int, int]):
+        """The stored executable, or the lowered program still to compile."""
+        args = self._abstract_args(name, shape)
+        if self.store is not None and (compiled := self.store.load(name, args)) is not None:
+            self._count("num_executables_loaded")
+            return compiled
+        return self._jitted[name.split("-")[0]].lower(*args)
+
+    def _finish(self, name: str, lowered_or_compiled) -> jax.stages.Compiled:
+        compiled = lowered_or_compiled
+        if isinstance(lowered_or_compiled, jax.stages.Lowered):
+            compiled = lowered_or_compiled.compile()
+            self._count("num_compiles")
+            if self.store is not None:
+                self.store.save(name, compiled)
+        with self._lock:
+            self._executables[name] = compiled
+        return compiled
+
+    def _executable(self, name: str, shape: tuple[int, int, int]) -> jax.stages.Compiled:
+        compiled = self._executables.get(name)
+        if compiled is None:
+            compiled = self._finish(name, self._lower(name, shape))
+        return compiled
+
+    def missing(self, shapes) -> list[str]:
+        """Names of the executables of `shapes` not yet in this process."""
+        names = dict.fromkeys(n for shape in shapes for n in self._names(shape))
+        return [n for n in names if n not in self._executables]
+
+    def prepare(self, shapes, workers: int | None = None) -> float:
+        """Gets the executables of every shape (store or compile); returns the seconds it took.
+
+        The main thread traces and lowers one program after another (tracing holds the GIL and
+        NNX's graph walks are not meant to run concurrently) while a pool compiles the lowered
+        ones; loads from the store finish at once.
+        """
+        start = time.perf_counter()
+        todo = {}
+        for shape in shapes:
+            for name in self._names(shape):
+                if name not in self._executables:
+                    todo.setdefault(name, shape)
+        with ThreadPoolExecutor(workers or compile_workers(), thread_name_prefix="jpaged-compile") as pool:
+            futures = [pool.submit(self._finish, name, self._lower(name, shape)) for name, shape in todo.items()]
+            for future in futures:
+                future.result()
+        return time.perf_counter() - start
+
+    # -- steps ------------------------------------------------------------------------------
+    @staticmethod
+    def _shape(batch: BatchInputs) -> tuple[int, int, int]:
+        return len(batch.token_ids), len(batch.logits_indices), batch.meta.block_tables.shape[1]
+
+    def _run_forward(self, batch: BatchInputs) -> jax.Array:
+        shape = self._shape(batch)
+        forward = self._executable(self._names(shape)[0], shape)
+        self.kv_caches, logits = forward(self.state, self.kv_caches, batch)
+        return logits
 
     def step(self, batch: BatchInputs) -> SamplerOutput:
         """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences are padding)."""
-        self.kv_caches, logits = self._forward(self.state, self.kv_caches, batch)
-        return jax.tree_util.tree_map(np.asarray, self._sample(logits, batch.sampling))
+        logits = self._run_forward(batch)
+        shape = self._shape(batch)
+        sampler = self._executable(self._names(shape)[1], shape)
+        return jax.tree_util.tree_map(np.asarray, sampler(logits, batch.sampling))
 
     def logits(self, batch: BatchInputs) -> np.ndarray:
         """Like step, but returns float32 logits [B, V] at batch.logits_indices (tests, scoring)."""
-        self.kv_caches, logits = self._forward(self.state, self.kv_caches, batch)
-        return np.asarray(logits)
-
-    def warm_up(self) -> float:
-        """Compiles every bucket shape by running it once; returns the seconds it took."""
-        start = time.perf_counter()
-        for t_pad, b_pad, p_pad in self.spec.shapes():
-            self.step(dummy_batch(self.spec, t_pad, b_pad, p_pad))
-        return time.perf_counter() - start
+        return np.asarray(self._run_forward(batch))

@@ -46,7 +46,7 @@ def reference(model):
 @pytest.mark.parametrize("budget", [16, 64, 512])
 def test_chunk_sizes_give_identical_outputs(model, reference, budget):
     ps, ref = reference
-    llm = LLM(model[0], max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=64)
+    llm = LLM(model[0], max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=64, warmup="full")
     assert token_ids(llm.generate(ps, GREEDY, use_tqdm=False)) == ref
     stats = llm.get_stats()
     assert stats["num_compiles_after_warmup"] == 0
@@ -88,7 +88,7 @@ def test_identical_prompt_hits_the_prefix_cache(model):
 
 
 def test_no_compiles_after_warm_up_on_a_varied_workload(model):
-    llm = LLM(model[0], max_num_seqs=16, max_num_batched_tokens=64, max_model_len=64)
+    llm = LLM(model[0], max_num_seqs=16, max_num_batched_tokens=64, max_model_len=64, warmup="full")
     rng = np.random.default_rng(3)
     for round_ in range(3):
         ps = prompts(int(rng.integers(1, 20)), seed=round_)

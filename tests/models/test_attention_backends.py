@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from jpaged import LLM, SamplingParams
+from jpaged.models import kernel_choice
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from tests.conftest import HAS_COMPILER
 
@@ -28,15 +29,19 @@ def test_backend_gives_the_same_greedy_tokens(backends, name, tiny_models):
 
 
 @NEEDS_COMPILER
-def test_auto_picks_the_cpu_kernels_for_float32_only():
-    assert resolve_backend("auto", jnp.float32) == "cpu"
+@pytest.mark.parametrize("kernel_wins", [True, False])
+def test_auto_follows_the_measured_verdict_for_float32_only(kernel_wins, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "_verdict", {"linear": kernel_wins, "attention": kernel_wins})
+    chosen = "cpu" if kernel_wins else "xla"
+    assert resolve_backend("auto", jnp.float32) == chosen
+    assert resolve_linear_backend("auto", jnp.float32) == chosen
     assert resolve_backend("auto", jnp.bfloat16) == "xla"
+    assert resolve_linear_backend("auto", jnp.bfloat16) == "xla"
+    assert resolve_backend("cpu", jnp.float32) == "cpu"  # a named backend is taken as it is
     with pytest.raises(ValueError, match="float32"):
         resolve_backend("cpu", jnp.bfloat16)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         resolve_backend("flash")
-    assert resolve_linear_backend("auto", jnp.float32) == "cpu"
-    assert resolve_linear_backend("auto", jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match="linear backend 'cpu' is unavailable"):
         resolve_linear_backend("cpu", jnp.float16)
     with pytest.raises(ValueError, match="unknown linear backend 'mkl'"):

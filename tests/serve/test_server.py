@@ -310,3 +310,8 @@ def test_start_up_and_busy_log_lines(server):
     assert "KV cache capacity 4096 tokens" in log and "warm-up" in log and f"ready on {server.url}" in log
     assert "model SmolLM2-135M-Instruct" in log
     assert "running " in log and "tokens/s" in log and "prefix-cache hit rate" in log
+
+
+def test_nothing_compiled_after_ready(server):
+    """Last in this module, after every kind of request above: full warm-up left nothing to compile."""
+    assert server.metrics()["jpaged:num_compiles_after_warmup"] == 0
