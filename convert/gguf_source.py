@@ -45,13 +45,30 @@ def reverse_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)
 
 
+def _reader_class(gguf):
+    class PlainArrayReader(gguf.GGUFReader):
+        """gguf's reader over a plain ndarray view of its memory map: its parser slices the file
+        ~250k times for a 49k-token vocabulary, and np.memmap's Python-level slicing hooks
+        doubled the time to open the default model (5.7 s -> 2.8 s here)."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
+    return PlainArrayReader
+
+
 class GGUFSource:
     def __init__(self, path: Path):
         import gguf
 
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(path)
+            self.reader = _reader_class(gguf)(path)
         except Exception as e:
             raise ConversionError(f"{path.name}: not a readable GGUF file ({e})") from None
         arch = self._field("general.architecture")

@@ -27,6 +27,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
 from jpaged.sampling_params import SamplingParams
+from pallas_kernels import cpu_build
 
 logger = logging.getLogger("jpaged")
 
@@ -64,6 +65,8 @@ class LLMEngine:
         self.config = config
         start = time.perf_counter()
         phases = StartupClock()
+        if {config.attn_backend, config.linear_backend} & {"auto", "cpu"}:
+            cpu_build.build_in_background()  # g++ on the other core while the model converts / loads
         with phases("resolve_model"):  # a first use converts the model here
             folder = resolve_model_folder(config)
         with phases("load_weights"):

@@ -21,6 +21,14 @@ from pallas_kernels.cpu_linear import linear_cpu
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
+def _param(init, rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype) -> nnx.Param:
+    """A parameter's initial value; with rngs=None only its shape and dtype, for a model whose
+    weights are loaded next (tracing the inits under eval_shape took ~1 s for 30 layers)."""
+    if rngs is None:
+        return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out], stored in the model dtype.
 
@@ -28,9 +36,9 @@ class Linear(nnx.Module):
     (pallas_kernels.cpu_linear.pack_columns, [ceil(out / 32), in, 32]); build_model packs it.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs, backend: str = "xla"):
-        self.kernel = nnx.Param(_INIT(rngs.params(), (in_dim, out_dim), dtype))
-        self.bias = nnx.Param(jnp.zeros((out_dim,), dtype)) if bias else None
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs | None, backend: str = "xla"):
+        self.kernel = _param(_INIT, rngs, (in_dim, out_dim), dtype)
+        self.bias = _param(nnx.initializers.zeros, rngs, (out_dim,), dtype) if bias else None
         self.out_dim = out_dim
         self.backend = backend
 
@@ -42,8 +50,8 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32, scaled after casting back (as transformers does)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None):
+        self.scale = _param(nnx.initializers.ones, rngs, (dim,), dtype)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,7 +61,7 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None):
         d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.q_proj = Linear(d, n * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear)
@@ -61,8 +69,8 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, k * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear)
         self.o_proj = Linear(n * h, d, bias=config.o_bias, dtype=dtype, rngs=rngs, backend=linear)
         if config.qk_norm:
-            self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype)
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         else:
             self.q_norm = self.k_norm = None
         self.config = config
@@ -89,7 +97,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, linear: str, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, linear: str, dtype, rngs: nnx.Rngs | None):
         d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, backend=linear)
         self.up_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, backend=linear)
@@ -100,10 +108,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs)
-        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, linear=linear, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
@@ -121,15 +129,15 @@ class CausalLM(nnx.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs
+        self, config: ModelConfig, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs | None
     ):
         self.config = config
-        self.embed = nnx.Param(_INIT(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+        self.embed = _param(_INIT, rngs, (config.vocab_size, config.hidden_size), dtype)
         self.layers = nnx.List([
             DecoderLayer(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs)
             for _ in range(config.num_layers)
         ])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.lm_head = (
             None
             if config.tie_word_embeddings and linear != "cpu"

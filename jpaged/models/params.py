@@ -33,7 +33,8 @@ def _nnx_keys(tree: Any, like: Any) -> Any:
 
 
 def _abstract_model(config: ModelConfig, backend: str, linear: str, dtype) -> CausalLM:
-    return nnx.eval_shape(lambda: CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=nnx.Rngs(0)))
+    """The model with shape-only parameters (rngs=None): nothing is computed or allocated."""
+    return CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=None)
 
 
 def _pure_dict(state: nnx.State) -> dict:

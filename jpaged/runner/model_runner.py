@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import jax
 import numpy as np
@@ -57,6 +58,7 @@ class ModelRunner:
             config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype
         )
         self.vocab_size = config.vocab_size
+        self._abstract_state, self._abstract_kv = _abstract(self.state), _abstract(self.kv_caches)
         # Python in a traced function runs only while tracing: num_traces counts traces, and a
         # warm restart from the store must leave it at 0. num_compiles counts XLA compilations.
         self.num_traces = 0
@@ -87,25 +89,24 @@ class ModelRunner:
             setattr(self, counter, getattr(self, counter) + 1)
 
     # -- executables ------------------------------------------------------------------------
-    @staticmethod
-    def _names(shape: tuple[int, int, int]) -> tuple[str, str]:
-        t, b, p = shape
-        return f"forward-T{t}-B{b}-P{p}", f"sample-B{b}"
+    def _programs(self, batch: BatchInputs) -> list[tuple[str, str, Callable[[], tuple]]]:
+        """(name, jitted function, its abstract arguments) of the two executables `batch` runs.
+        Names come from the shapes alone; the arguments are only built for a missing executable."""
+        t, (b, p), rows = len(batch.token_ids), batch.meta.block_tables.shape, len(batch.logits_indices)
+        forward = f"forward-T{t}-B{b}-P{p}" + (f"-R{rows}" if rows != b else "")
+        return [
+            (forward, "forward", lambda: (self._abstract_state, self._abstract_kv, _abstract(batch))),
+            (f"sample-B{rows}", "sample", lambda: (jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32),
+                                                   _abstract(batch.sampling))),
+        ]
 
-    def _abstract_args(self, name: str, shape: tuple[int, int, int]) -> tuple:
-        batch = dummy_batch(self.spec, *shape)
-        if name.startswith("forward"):
-            return _abstract(self.state), _abstract(self.kv_caches), _abstract(batch)
-        logits = jax.ShapeDtypeStruct((shape[1], self.vocab_size), np.float32)
-        return logits, _abstract(batch.sampling)
-
-    def _lower(self, name: str, shape: tuple[int, int, int]):
+    def _lower(self, name: str, fn: str, make_args: Callable[[], tuple]):
         """The stored executable, or the lowered program still to compile."""
-        args = self._abstract_args(name, shape)
+        args = make_args()
         if self.store is not None and (compiled := self.store.load(name, args)) is not None:
             self._count("num_executables_loaded")
             return compiled
-        return self._jitted[name.split("-")[0]].lower(*args)
+        return self._jitted[fn].lower(*args)
 
     def _finish(self, name: str, lowered_or_compiled) -> jax.stages.Compiled:
         compiled = lowered_or_compiled
@@ -118,54 +119,49 @@ class ModelRunner:
             self._executables[name] = compiled
         return compiled
 
-    def _executable(self, name: str, shape: tuple[int, int, int]) -> jax.stages.Compiled:
-        compiled = self._executables.get(name)
+    def _executable(self, program: tuple[str, str, Callable[[], tuple]]) -> jax.stages.Compiled:
+        compiled = self._executables.get(program[0])
         if compiled is None:
-            compiled = self._finish(name, self._lower(name, shape))
+            compiled = self._finish(program[0], self._lower(*program))
         return compiled
 
+    def _bucket_programs(self, shapes) -> dict[str, tuple]:
+        programs = {}
+        for shape in shapes:
+            for program in self._programs(dummy_batch(self.spec, *shape)):
+                programs.setdefault(program[0], program)
+        return programs
+
     def missing(self, shapes) -> list[str]:
-        """Names of the executables of `shapes` not yet in this process."""
-        names = dict.fromkeys(n for shape in shapes for n in self._names(shape))
-        return [n for n in names if n not in self._executables]
+        """Names of the executables of bucket `shapes` [(T, B, P)] not yet in this process."""
+        return [name for name in self._bucket_programs(shapes) if name not in self._executables]
 
     def prepare(self, shapes, workers: int | None = None) -> float:
-        """Gets the executables of every shape (store or compile); returns the seconds it took.
+        """Gets the executables of every bucket shape (store or compile); returns the seconds it took.
 
         The main thread traces and lowers one program after another (tracing holds the GIL and
         NNX's graph walks are not meant to run concurrently) while a pool compiles the lowered
         ones; loads from the store finish at once.
         """
         start = time.perf_counter()
-        todo = {}
-        for shape in shapes:
-            for name in self._names(shape):
-                if name not in self._executables:
-                    todo.setdefault(name, shape)
+        todo = [p for name, p in self._bucket_programs(shapes).items() if name not in self._executables]
         with ThreadPoolExecutor(workers or compile_workers(), thread_name_prefix="jpaged-compile") as pool:
-            futures = [pool.submit(self._finish, name, self._lower(name, shape)) for name, shape in todo.items()]
+            futures = [pool.submit(self._finish, program[0], self._lower(*program)) for program in todo]
             for future in futures:
                 future.result()
         return time.perf_counter() - start
 
     # -- steps ------------------------------------------------------------------------------
-    @staticmethod
-    def _shape(batch: BatchInputs) -> tuple[int, int, int]:
-        return len(batch.token_ids), len(batch.logits_indices), batch.meta.block_tables.shape[1]
-
-    def _run_forward(self, batch: BatchInputs) -> jax.Array:
-        shape = self._shape(batch)
-        forward = self._executable(self._names(shape)[0], shape)
-        self.kv_caches, logits = forward(self.state, self.kv_caches, batch)
+    def _run_forward(self, batch: BatchInputs, forward) -> jax.Array:
+        self.kv_caches, logits = self._executable(forward)(self.state, self.kv_caches, batch)
         return logits
 
     def step(self, batch: BatchInputs) -> SamplerOutput:
         """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences are padding)."""
-        logits = self._run_forward(batch)
-        shape = self._shape(batch)
-        sampler = self._executable(self._names(shape)[1], shape)
-        return jax.tree_util.tree_map(np.asarray, sampler(logits, batch.sampling))
+        forward, sampler = self._programs(batch)
+        logits = self._run_forward(batch, forward)
+        return jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, batch.sampling))
 
     def logits(self, batch: BatchInputs) -> np.ndarray:
         """Like step, but returns float32 logits [B, V] at batch.logits_indices (tests, scoring)."""
-        return np.asarray(self._run_forward(batch))
+        return np.asarray(self._run_forward(batch, self._programs(batch)[0]))
