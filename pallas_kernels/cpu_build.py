@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -97,9 +98,24 @@ def library_name() -> str | None:
     return None if compiler is None else _library_path(compiler).name
 
 
-@functools.cache
+_lock = threading.Lock()  # one build at a time: a background build and a caller share its result
+
+
 def unavailable_reason() -> str | None:
     """Builds (once per machine) and registers the kernels; None when they are ready, else why not."""
+    with _lock:
+        return _build_and_register()
+
+
+def build_in_background() -> None:
+    """Starts the build on a thread: the compiler runs in its own process while the caller
+    converts or loads weights, and unavailable_reason() then waits only for what is left."""
+    if jax.default_backend() == "cpu":
+        threading.Thread(target=unavailable_reason, name="jpaged-kernel-build", daemon=True).start()
+
+
+@functools.cache
+def _build_and_register() -> str | None:
     compiler = _compiler()
     if compiler is None:
         return "no C++ compiler found (set CXX)"
