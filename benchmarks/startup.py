@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks import startup_job
 from benchmarks.startup_job import HF_PHASES, JPAGED_PHASES, RESULT_PREFIX, SPAWN_ENV
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -146,8 +147,7 @@ def job_args(args: argparse.Namespace, backend: str) -> list[str]:
     if args.dtype:
         out += ["--dtype", args.dtype]
     if backend == "jpaged":
-        for flag in ("warmup", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "attn_backend",
-                     "linear_backend"):
+        for flag in startup_job.engine_option_names():
             if getattr(args, flag) is not None:
                 out += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return out
@@ -166,12 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--hf-model", default=None, help="HF side's weights (an HF folder or .gguf); default: --model, "
                    "or the default model's GGUF")
-    p.add_argument("--warmup", default=None, choices=["lazy", "full"], help="jpaged's warm-up; default the engine's")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--attn-backend", default=None, help="jpaged: auto | cpu | xla | pallas")
-    p.add_argument("--linear-backend", default=None, help="jpaged: auto | cpu | xla")
+    startup_job.add_engine_options(p)
     p.add_argument("--dtype", default=None, help="both sides; default jpaged's auto, HF float32")
     p.add_argument("--skip-hf", action="store_true", help="jpaged rows only")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one process may take")

@@ -35,6 +35,26 @@ import sys  # noqa: E402
 SPAWN_ENV = "STARTUP_SPAWN_TIME"
 RESULT_PREFIX = "STARTUP_JSON "
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+# jpaged engine options the parent forwards when given: (flag, argparse keywords); None = the engine's default
+ENGINE_OPTIONS = [
+    ("--warmup", dict(choices=["lazy", "full"], help="jpaged's warm-up; default the engine's")),
+    ("--max-model-len", dict(type=int)),
+    ("--max-num-seqs", dict(type=int)),
+    ("--max-num-batched-tokens", dict(type=int)),
+    ("--attn-backend", dict(help="jpaged: auto | cpu | xla | pallas")),
+    ("--linear-backend", dict(help="jpaged: auto | cpu | xla")),
+]
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    for flag, kwargs in ENGINE_OPTIONS:
+        p.add_argument(flag, default=None, **kwargs)
+
+
+def engine_option_names() -> list[str]:
+    return [flag[2:].replace("-", "_") for flag, _ in ENGINE_OPTIONS]
+
+
 # The engine's start-up phases, in the order they run (llm.engine.startup_seconds keys).
 ENGINE_PHASES = ("resolve_model", "kernels", "load_weights", "build_model", "compile")
 JPAGED_PHASES = ("interpreter", "imports", *ENGINE_PHASES, "engine_other", "first_token", "decode", "exit")
@@ -51,10 +71,7 @@ def run_jpaged(args: argparse.Namespace, marks: dict[str, float]) -> dict:
     from jpaged import SamplingParams
 
     marks["imports"] = time.time()
-    opts = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-                                  warmup=args.warmup, attn_backend=args.attn_backend,
-                                  linear_backend=args.linear_backend).items() if v is not None}
+    opts = {name: getattr(args, name) for name in [*engine_option_names(), "dtype"] if getattr(args, name) is not None}
     llm = jpaged.LLM(args.model, **opts)
     marks["engine"] = time.time()
     engine = llm.engine
@@ -142,12 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-token-ids", default=None, type=lambda s: [int(t) for t in s.split(",")],
                         help="comma-separated token ids instead (models without a tokenizer)")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--warmup", default=None, choices=["lazy", "full"], help="jpaged: default the engine's")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--attn-backend", default=None, help="jpaged: auto | cpu | xla | pallas")
-    p.add_argument("--linear-backend", default=None, help="jpaged: auto | cpu | xla")
+    add_engine_options(p)
     p.add_argument("--dtype", default=None)
     return p
 

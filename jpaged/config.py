@@ -33,9 +33,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     """Token budget of one step (prefill chunks + decode tokens)."""
     attn_backend: str = "auto"
-    """auto (pallas on a GPU; on a CPU the C++ kernel for float32, else xla), cpu, xla, pallas."""
+    """auto (pallas on a GPU; on a CPU for float32 the C++ kernel or xla, whichever a cached
+    one-time measurement finds faster here), cpu, xla, pallas."""
     linear_backend: str = "auto"
-    """Projections: auto (on a CPU the C++ kernel for float32, else xla), cpu, xla."""
+    """Projections: auto (xla on a GPU; on a CPU for float32 the faster of the C++ kernel and xla,
+    as measured once), cpu, xla."""
     warmup: str = "lazy"
     """When step shapes are compiled: full (every bucket before the engine is ready: no compile
     while serving; `jpaged serve`'s default) or lazy (a shape when a step first needs it; the
