@@ -23,7 +23,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -101,6 +101,18 @@ inline void ScoreRow(const float* q, const float* kt, int64_t H, float* s) {
     for (int i = 0; i < kBlock / 16; ++i) acc[i] = _mm512_fmadd_ps(qh, _mm512_loadu_ps(kt + h * kBlock + 16 * i), acc[i]);
   }
   for (int i = 0; i < kBlock / 16; ++i) _mm512_storeu_ps(s + 16 * i, acc[i]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  static_assert(kBlock % 8 == 0);
+  __m256 acc[kBlock / 8];  // 8 of the 16 ymm registers for kBlock = 64
+#pragma GCC unroll 8
+  for (int i = 0; i < kBlock / 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    const __m256 qh = _mm256_broadcast_ss(q + h);
+#pragma GCC unroll 8
+    for (int i = 0; i < kBlock / 8; ++i) acc[i] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(kt + h * kBlock + 8 * i), acc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kBlock / 8; ++i) _mm256_storeu_ps(s + 8 * i, acc[i]);
 #else
   float row[kBlock] = {};
   for (int64_t h = 0; h < H; ++h) {
@@ -117,6 +129,13 @@ inline float BlockMax(const float* s, float init) {
   __m512 m = _mm512_max_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16));
   for (int i = 32; i < kBlock; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
   return std::max(init, _mm512_reduce_max_ps(m));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 m = _mm256_max_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8));
+  for (int i = 16; i < kBlock; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return std::max(init, _mm_cvtss_f32(h));
 #else
   float part[8] = {init, init, init, init, init, init, init, init};  // independent chains
   for (int jj = 0; jj < kBlock; ++jj) part[jj % 8] = std::max(part[jj % 8], s[jj]);
@@ -140,6 +159,25 @@ inline void AccumulatePV(float* __restrict acc, float alpha, const float* p, con
       for (int i = 0; i < kVecs; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), a[i]);
     }
     for (int i = 0; i < kVecs; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kHeadDim > 0 && kHeadDim % 64 == 0) {
+    // 64 columns at a time: 8 accumulators fit the 16 ymm registers, 16 would not.
+    const __m256 scale = _mm256_set1_ps(alpha);
+    for (int c = 0; c < kHeadDim; c += 64) {
+      __m256 a[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + c + 8 * i), scale);
+      for (int jj = first; jj < last; ++jj) {
+        const __m256 pj = _mm256_broadcast_ss(p + jj);
+        const float* v = v_rows[jj] + v_offset + c;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), a[i]);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + c + 8 * i, a[i]);
+    }
     return;
   }
 #endif

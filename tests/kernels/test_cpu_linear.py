@@ -23,10 +23,11 @@ def check(x: np.ndarray, w: np.ndarray):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=tol)
 
 
-# (M, K, N): full 8-row blocks and every remainder 1-7, a partial last panel (N % 32 in 1..31),
-# fewer columns than one panel, one column, many panels (shared over the threads)
+# (M, K, N): full 8-row blocks and every remainder 1-7 (AVX2: 6-row blocks, remainders 1-5), a
+# partial last panel (N % 32 in 1..31; exactly 16, the AVX2 kernel's half panel), fewer columns
+# than one panel, one column, many panels (shared over the threads)
 @pytest.mark.parametrize("m,k,n", [(8, 64, 32), (64, 576, 960), (1, 576, 3072), (13, 100, 70), (7, 33, 31),
-                                   (3, 5, 1), (29, 96, 1000), (512, 64, 96)])
+                                   (3, 5, 1), (29, 96, 1000), (512, 64, 96), (10, 7, 48)])
 def test_matches_numpy(m, k, n):
     rng = np.random.default_rng(m * 1000 + n)
     check(rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32))
