@@ -79,9 +79,25 @@ def runtime_dtype(name: str) -> jnp.dtype:
 def _load_tokenizer(folder: Path):
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         return None
-    from transformers import AutoTokenizer
+    import transformers
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    return _tokenizer_class(folder, transformers).from_pretrained(str(folder))
+
+
+def _tokenizer_class(folder: Path, transformers):
+    """The class tokenizer_config.json names, its fast variant first, as AutoTokenizer would pick.
+
+    AutoTokenizer gets there through AutoConfig, whose import pulls in torch wherever torch is
+    installed: seconds of a warm start for a class this file already names.
+    """
+    config_file = folder / "tokenizer_config.json"
+    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if name and (folder / "tokenizer.json").is_file():
+        for candidate in (name if name.endswith("Fast") else name + "Fast", name):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                return cls
+    return transformers.AutoTokenizer
 
 
 def resolve_model_folder(config: EngineConfig) -> Path:
