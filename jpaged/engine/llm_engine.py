@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,12 @@ from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.model_loading import (
-    StartupClock, bucket_spec, executable_store, load_model, max_model_len, resolve_model_folder,
+    StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
+    resolve_model_folder, runtime_dtype,
 )
+from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
+from jpaged.models.config import ModelConfig
 from jpaged.models.params import build_model
 from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
@@ -69,18 +73,22 @@ class LLMEngine:
             cpu_build.build_in_background()  # g++ on the other core while the model converts / loads
         with phases("resolve_model"):  # a first use converts the model here
             folder = resolve_model_folder(config)
-        with phases("load_weights"):
-            loaded = load_model(config, folder)
-        self.model_config, self.tokenizer, self.model_dir = loaded.config, loaded.tokenizer, loaded.folder
-        self.max_model_len = max_model_len(config, loaded.config)
-        with phases("kernels"):  # the CPU kernels are built (once per machine) and measured here
-            backend = resolve_backend(config.attn_backend, loaded.dtype)
-            linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
-        self.attn_backend, self.linear_backend = backend, linear
-        spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype, attn_backend=backend)
-        with phases("build_model"):
-            model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
-            self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
+        with ThreadPoolExecutor(1, thread_name_prefix="jpaged-kv") as pool:
+            kv_pools = self._zero_kv_pools_early(config, folder, pool)
+            with phases("load_weights"):
+                loaded = load_model(config, folder)
+            self.model_config, self.tokenizer, self.model_dir = loaded.config, loaded.tokenizer, loaded.folder
+            self.max_model_len = max_model_len(config, loaded.config)
+            with phases("kernels"):  # the CPU kernels are built (once per machine) and measured here
+                backend = resolve_backend(config.attn_backend, loaded.dtype)
+                linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
+            self.attn_backend, self.linear_backend = backend, linear
+            spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype, attn_backend=backend,
+                               num_pages=kv_pools and kv_pools[0])
+            with phases("build_model"):
+                model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
+                self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype,
+                                          kv_caches=kv_pools and kv_pools[1].result())
             self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
@@ -115,6 +123,21 @@ class LLMEngine:
         self._owner: dict[str, tuple[_Tracked, _Completion]] = {}  # by scheduler request id
         self._num_real_tokens = 0
         self._num_padded_tokens = 0
+
+    @staticmethod
+    def _zero_kv_pools_early(config: EngineConfig, folder, pool: ThreadPoolExecutor):
+        """(pages, future of the zeroed pools) when the pool's size is known before the weights
+        load, else None. Zeroing a host pool is page faults (~2 s for 1.5 GB), on another core
+        while the weights and tokenizer load; an accelerator zeroes its pool in milliseconds,
+        once the weights show what memory is left."""
+        if kv_size_needs_weights(config):
+            return None
+        model_config = ModelConfig.from_file(folder / "config.json")
+        dtype = runtime_dtype(config.dtype)
+        spec = bucket_spec(config, model_config, max_model_len(config, model_config), dtype)  # fails fast
+        shape = (model_config.num_layers, spec.num_pages, spec.page_size, model_config.num_kv_heads,
+                 model_config.head_dim, dtype)
+        return spec.num_pages, pool.submit(alloc_kv_pools, *shape)
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)

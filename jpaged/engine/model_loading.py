@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -115,13 +116,18 @@ def resolve_model_folder(config: EngineConfig) -> Path:
 
 
 def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
+    """The weights on the device and the tokenizer. The tokenizer loads on another thread
+    meanwhile: importing transformers is ~1.5 s of Python, the weights' reads and transfer
+    mostly wait on TensorStore and XLA without the GIL."""
     dtype = runtime_dtype(config.dtype)
     model_config = ModelConfig.from_file(folder / "config.json")
-    if config.load_format == "dummy":
-        params = random_params(model_config, dtype, seed=config.seed)
-    else:
-        params = checkpoint.load_params(folder, model_config, dtype)
-    return LoadedModel(folder, model_config, params, dtype, _load_tokenizer(folder))
+    with ThreadPoolExecutor(1, thread_name_prefix="jpaged-tokenizer") as pool:
+        tokenizer = pool.submit(_load_tokenizer, folder)
+        if config.load_format == "dummy":
+            params = random_params(model_config, dtype, seed=config.seed)
+        else:
+            params = checkpoint.load_params(folder, model_config, dtype)
+        return LoadedModel(folder, model_config, params, dtype, tokenizer.result())
 
 
 def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
@@ -131,6 +137,14 @@ def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     if config.max_model_len > longest:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {longest} positions")
     return config.max_model_len
+
+
+def kv_size_needs_weights(config: EngineConfig) -> bool:
+    """Whether the KV pool's size depends on what the weights leave of the device's memory (an
+    accelerator with no explicit size), so it can only be sized once they are resident."""
+    if config.num_kv_blocks is not None or config.kv_cache_memory_gib is not None:
+        return False
+    return "bytes_limit" in (jax.devices()[0].memory_stats() or {})
 
 
 def kv_budget_bytes(config: EngineConfig) -> int:
@@ -144,8 +158,18 @@ def kv_budget_bytes(config: EngineConfig) -> int:
     return 2 * 2**30  # host memory: a fixed default, tunable with kv_cache_memory_gib
 
 
+def num_kv_pages(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype) -> int:
+    """Pages of the KV pool, the null page included: explicit, or what the budget holds, capped
+    at every sequence at full length (more buys nothing but a longer-lived prefix cache)."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    bs = config.block_size
+    page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs
+    return min(kv_budget_bytes(config) // page_bytes, config.max_num_seqs * math.ceil(max_len / bs)) + 1
+
+
 def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype, *,
-                attn_backend: str = "xla") -> BucketSpec:
+                attn_backend: str = "xla", num_pages: int | None = None) -> BucketSpec:
     """Sizes the KV pool and lists the step shapes. Fails fast when one max-length sequence cannot fit.
 
     Page buckets exist for the XLA attention, which gathers every page of the block table: there
@@ -155,12 +179,8 @@ def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, d
     """
     bs = config.block_size
     pages_per_seq = math.ceil(max_len / bs)
-    num_pages = config.num_kv_blocks
     if num_pages is None:
-        page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs
-        budget_pages = kv_budget_bytes(config) // page_bytes
-        # More than every sequence at full length buys nothing but a longer-lived prefix cache.
-        num_pages = min(budget_pages, config.max_num_seqs * pages_per_seq) + 1
+        num_pages = num_kv_pages(config, model_config, max_len, dtype)
     if num_pages - 1 < pages_per_seq:
         raise ValueError(
             f"max_model_len {max_len} needs {pages_per_seq} KV blocks of {bs} tokens but the cache holds "

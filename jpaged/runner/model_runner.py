@@ -25,6 +25,7 @@ from jpaged.models.llama import CausalLM
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
 from jpaged.runner.sampler import SamplerOutput, sample
+from jpaged.typing import KVCache
 
 logger = logging.getLogger("jpaged")
 
@@ -49,14 +50,19 @@ def _abstract(tree):
 class ModelRunner:
     """Runs padded batches through compiled executables; the KV pools are donated and replaced each call."""
 
-    def __init__(self, model: CausalLM, spec: BucketSpec, *, kv_dtype, store: ExecutableStore | None = None):
+    def __init__(self, model: CausalLM, spec: BucketSpec, *, kv_dtype, store: ExecutableStore | None = None,
+                 kv_caches: list[KVCache] | None = None):
+        """kv_caches: the zeroed pools (alloc_kv_pools of spec's shape), when the caller made them
+        already (the engine does, on another thread while the weights load); else made here."""
         config = model.config
         self.spec = spec
         self.store = store
         self.graphdef, self.state = nnx.split(model)
-        self.kv_caches = alloc_kv_pools(
-            config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype
-        )
+        if kv_caches is None:
+            kv_caches = alloc_kv_pools(
+                config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype
+            )
+        self.kv_caches = kv_caches
         self.vocab_size = config.vocab_size
         self._abstract_state, self._abstract_kv = _abstract(self.state), _abstract(self.kv_caches)
         # Python in a traced function runs only while tracing: num_traces counts traces, and a
