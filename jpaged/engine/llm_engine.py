@@ -103,7 +103,7 @@ class LLMEngine:
             # full: every shape now, so nothing compiles once the engine is ready; lazy: each
             # shape when a step first needs it.
             shapes = spec.shapes() if config.warmup == "full" else []
-            self.runner.prepare(shapes)
+            self.runner.prepare(shapes, defer_loads=True)
         self.warmup_seconds = phases.seconds["compile"]
         self.startup_seconds = phases.seconds
         self._compiles_at_warmup = self.runner.num_compiles
@@ -111,11 +111,12 @@ class LLMEngine:
         runner = self.runner
         logger.info(
             "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
-            "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced)",
+            "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced, "
+            "%d stored ones loading in the background)",
             self.model_dir.name, self.model_config.architecture, self.model_config.num_params() / 1e6,
             loaded.dtype.name, backend, linear, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
             config.warmup, len(shapes), len(spec.shapes()), self.warmup_seconds, runner.num_executables_loaded,
-            runner.num_compiles, runner.num_traces,
+            runner.num_compiles, runner.num_traces, runner.num_deferred_loads,
         )
         self.eos_token_ids = self._eos_token_ids()
         self._rng = np.random.default_rng(config.seed)

@@ -19,6 +19,7 @@ tracing at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -89,27 +90,42 @@ class ExecutableStore:
     def path(self, name: str) -> Path:
         return self.folder / f"{name}{SUFFIX}"
 
-    def load(self, name: str, args: tuple) -> jax.stages.Compiled | None:
-        """The stored executable for abstract `args`, or None when there is none or it cannot be
-        used (then removed): a bad file, or one compiled for other argument shapes."""
+    def _read(self, name: str) -> tuple[bytes | None, str | None]:
+        """(payload, None) of an intact entry, (None, None) for none, (None, why) for a bad one."""
         path = self.path(name)
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
-            return None
+            return None, None
         except OSError as err:
-            logger.warning("executable cache: cannot read %s (%s); compiling it again", path, err)
-            return None
+            return None, f"cannot be read ({err})"
         head = len(MAGIC) + 32
-        problem = None
         if len(blob) < head or not blob.startswith(MAGIC):
-            problem = "not an executable-cache entry (truncated or foreign)"
-        elif hashlib.sha256(blob[head:]).digest() != blob[len(MAGIC):head]:
-            problem = "checksum mismatch (truncated or corrupted)"
-        else:
+            return None, "not an executable-cache entry (truncated or foreign)"
+        if hashlib.sha256(blob[head:]).digest() != blob[len(MAGIC):head]:
+            return None, "checksum mismatch (truncated or corrupted)"
+        return blob[head:], None
+
+    def has(self, name: str) -> bool:
+        """Whether an intact entry of this name is stored: its checksum holds and it names itself
+        `name` (cheap: no deserialization, which may still fail, e.g. for a foreign jaxlib)."""
+        payload = self._read(name)[0]
+        try:
+            return payload is not None and pickle.loads(payload)[0] == name
+        except Exception:  # unpicklable: load() will say why and remove it
+            return False
+
+    def load(self, name: str, args: tuple) -> jax.stages.Compiled | None:
+        """The stored executable for abstract `args`, or None when there is none or it cannot be
+        used (then removed): a bad file, or one compiled for other argument shapes."""
+        path = self.path(name)
+        payload, problem = self._read(name)
+        if payload is None and problem is None:
+            return None
+        if payload is not None:
             try:
-                stored_name, payload, in_tree, out_tree = pickle.loads(blob[head:])
-                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                stored_name, serialized, in_tree, out_tree = pickle.loads(payload)
+                compiled = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
             except Exception as err:  # a stale or foreign payload: any failure means "rebuild"
                 problem = f"cannot be loaded ({type(err).__name__}: {str(err)[:200]})"
             else:
@@ -117,7 +133,8 @@ class ExecutableStore:
                     return compiled
                 problem = f"holds {stored_name}, compiled for other arguments"
         logger.warning("executable cache: %s: %s; compiling it again", path.name, problem)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink()
         return None
 
     def save(self, name: str, compiled: jax.stages.Compiled) -> None:

@@ -80,6 +80,7 @@ from jpaged import LLM, SamplingParams
 backend = sys.argv[3]
 llm = LLM(sys.argv[1], warmup="full", max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
           attn_backend=backend, linear_backend=backend)
+llm.engine.runner.wait_for_loads()  # stored executables load on a thread once warm-up has checked them
 before = dict(llm.get_stats())
 outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                     use_tqdm=False)
@@ -109,6 +110,21 @@ def test_warm_restart_loads_executables_and_traces_nothing(model, hf_reference, 
     assert warm["tokens"] == cold["tokens"] == refs
 
 
+def test_full_warm_up_over_a_filled_store_is_ready_before_loading(model, hf_reference):
+    """Warm-up only checks stored entries; they load on a thread, and a step that comes first
+    waits for that load, never compiles."""
+    ps, refs = hf_reference
+    kw = dict(ENGINE, max_num_seqs=3)  # a program key of its own
+    LLM(model[0], warmup="full", **kw).engine.runner.wait_for_loads()  # fills the store
+    llm = LLM(model[0], warmup="full", **kw)
+    runner = llm.engine.runner
+    assert runner.num_compiles == 0 and runner.num_deferred_loads == len(_entries(llm)) > 0
+    assert token_ids(llm.generate(ps, GREEDY, use_tqdm=False)) == refs  # racing the loader
+    runner.wait_for_loads()
+    assert runner.num_executables_loaded == runner.num_deferred_loads
+    assert runner.num_compiles == runner.num_traces == 0
+
+
 def _entries(llm):
     return sorted(llm.engine.runner.store.folder.glob("*.jex"))
 
@@ -136,8 +152,12 @@ def test_a_bad_executable_entry_is_rebuilt(model, hf_reference, damage, caplog):
         second = LLM(model[0], warmup="full", **kw)
     assert any(victim.name in r.getMessage() for r in caplog.records), caplog.text
     runner = second.engine.runner
+    runner.wait_for_loads()
+    # The damaged entry was found while warming up: nothing compiles once the engine is ready.
+    assert second.get_stats()["num_compiles_after_warmup"] == 0
     assert runner.num_compiles == 1 and runner.num_executables_loaded == len(entries) - 1
     assert token_ids(second.generate(ps, GREEDY, use_tqdm=False)) == refs
     # The rebuilt entry was written back: a third start loads everything.
     third = LLM(model[0], warmup="full", **kw)
+    third.engine.runner.wait_for_loads()
     assert third.engine.runner.num_compiles == 0 and third.engine.runner.num_traces == 0
