@@ -75,12 +75,15 @@ class LLMEngine:
         self.max_model_len = max_model_len(config, loaded.config)
         with phases("kernels"):  # the CPU kernels are built (once per machine) and measured here
             backend = resolve_backend(config.attn_backend, loaded.dtype)
-            linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
+            linear = resolve_linear_backend(config.linear_backend, loaded.dtype,
+                                            tensor_parallel_size=config.tensor_parallel_size)
         self.attn_backend, self.linear_backend = backend, linear
-        spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype, attn_backend=backend)
+        # run_config: KV heads repeated up to the device count (jpaged.parallel), if needed.
+        spec = bucket_spec(config, loaded.run_config, self.max_model_len, loaded.dtype, attn_backend=backend)
         with phases("build_model"):
-            model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
-            self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype)
+            model = build_model(loaded.run_config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype,
+                                mesh=loaded.mesh)
+            self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype, mesh=loaded.mesh)
             self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
@@ -101,6 +104,10 @@ class LLMEngine:
         self._compiles_at_warmup = self.runner.num_compiles
         self.kv_capacity_tokens = (spec.num_pages - 1) * config.block_size
         runner = self.runner
+        if loaded.mesh is not None:
+            logger.info("tensor parallel: mesh %s of %s devices; %d KV head(s) per device (the model has %d)",
+                        dict(loaded.mesh.shape), loaded.mesh.devices.flat[0].platform,
+                        loaded.run_config.num_kv_heads // config.tensor_parallel_size, loaded.config.num_kv_heads)
         logger.info(
             "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
             "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from jpaged import checkpoint
+from jpaged import checkpoint, parallel
 from jpaged.config import EngineConfig
 from jpaged.model_files import jpaged_home, resolve_model
 from jpaged.models.config import ModelConfig
-from jpaged.models.params import ParamTree, random_params
+from jpaged.models.params import ParamTree, abstract_params, flatten, random_params
 from jpaged.runner.batch import BucketSpec
 from jpaged.runner.buckets import power_of_two_buckets, token_buckets
 from jpaged.runner.executable_store import ExecutableStore, program_key, tree_signature
@@ -30,10 +32,16 @@ logger = logging.getLogger("jpaged")
 @dataclasses.dataclass
 class LoadedModel:
     folder: Path
-    config: ModelConfig
-    params: ParamTree
+    config: ModelConfig  # the checkpoint's
+    params: ParamTree  # placed: on one device, or on the mesh by jpaged.parallel's table
     dtype: jnp.dtype
     tokenizer: object | None  # a transformers tokenizer, or None for token-id-only models
+    mesh: Mesh | None = None  # tensor parallelism's, or None on one device
+    run_config: ModelConfig | None = None  # what the model and KV pools are built from (KV heads repeated)
+
+    def __post_init__(self):
+        if self.run_config is None:
+            self.run_config = self.config
 
 
 class StartupClock:
@@ -62,6 +70,9 @@ def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec
         buckets=repr(spec), attn_backend=backend, linear_backend=linear,
         kernel_library=cpu_build.library_name() if "cpu" in (backend, linear) else None,
         params=tree_signature(runner.state), kv_pools=tree_signature(runner.kv_caches),
+        # Shardings name the mesh's shape, not its devices; a one-device program keeps its old key.
+        **({"mesh": f"{dict(loaded.mesh.shape)} over devices {loaded.mesh.device_ids.ravel().tolist()}"}
+           if loaded.mesh is not None else {}),
     )
     try:
         return ExecutableStore(jpaged_home() / "executables", key)
@@ -115,13 +126,26 @@ def resolve_model_folder(config: EngineConfig) -> Path:
 
 
 def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
+    """Reads the weights onto the device, or with tensor_parallel_size > 1 straight onto the
+    mesh: each parameter placed by jpaged.parallel's table, KV heads repeated on the host first
+    when there are fewer than devices. A head count that cannot split fails before any read."""
     dtype = runtime_dtype(config.dtype)
     model_config = ModelConfig.from_file(folder / "config.json")
+    tp = config.tensor_parallel_size
+    mesh, run_config, shardings, repeat = None, model_config, None, None
+    if tp > 1:
+        parallel.validate(model_config, tp)
+        mesh = parallel.make_mesh(tp)
+        run_config = parallel.sharded_model_config(model_config, tp)
+        shapes = {name: x.shape for name, x in flatten(abstract_params(run_config)).items()}
+        shardings = parallel.param_shardings(shapes, mesh)
+        repeat = functools.partial(parallel.repeat_kv_heads, config=model_config, tensor_parallel_size=tp)
     if config.load_format == "dummy":
-        params = random_params(model_config, dtype, seed=config.seed)
+        params = random_params(model_config, dtype, seed=config.seed, transform=repeat, shardings=shardings)
     else:
-        params = checkpoint.load_params(folder, model_config, dtype)
-    return LoadedModel(folder, model_config, params, dtype, _load_tokenizer(folder))
+        params = checkpoint.load_params(folder, model_config, dtype, transform=repeat,
+                                        sharding=None if shardings is None else shardings.__getitem__)
+    return LoadedModel(folder, model_config, params, dtype, _load_tokenizer(folder), mesh, run_config)
 
 
 def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
@@ -157,7 +181,8 @@ def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, d
     pages_per_seq = math.ceil(max_len / bs)
     num_pages = config.num_kv_blocks
     if num_pages is None:
-        page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs
+        # Per device: each holds its KV heads' share of every page (jpaged.parallel).
+        page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs // config.tensor_parallel_size
         budget_pages = kv_budget_bytes(config) // page_bytes
         # More than every sequence at full length buys nothing but a longer-lived prefix cache.
         num_pages = min(budget_pages, config.max_num_seqs * pages_per_seq) + 1

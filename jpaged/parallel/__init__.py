@@ -1,0 +1,12 @@
+"""Tensor parallelism on one JAX device mesh: the mesh, the sharding table, KV-head repetition."""
+
+from jpaged.parallel.kv_heads import kv_head_repeats, repeat_kv_heads, sharded_model_config
+from jpaged.parallel.mesh import TP_AXIS, make_mesh, shard_map
+from jpaged.parallel.shardings import (
+    HEADS_SPEC, KV_POOL_SPEC, PARAM_SPECS, param_shardings, param_spec, validate,
+)
+
+__all__ = [
+    "HEADS_SPEC", "KV_POOL_SPEC", "PARAM_SPECS", "TP_AXIS", "kv_head_repeats", "make_mesh", "param_shardings",
+    "param_spec", "repeat_kv_heads", "shard_map", "sharded_model_config", "validate",
+]
