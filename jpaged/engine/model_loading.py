@@ -75,7 +75,7 @@ def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec
            if loaded.mesh is not None else {}),
     )
     try:
-        return ExecutableStore(jpaged_home() / "executables", key)
+        return ExecutableStore(jpaged_home() / "executables", key, devices=runner.devices)
     except OSError as err:
         logger.warning("executable cache disabled: %s", err)
         return None

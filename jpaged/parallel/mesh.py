@@ -1,4 +1,4 @@
-"""The device mesh of tensor parallelism (one axis, "tp") and shard_map over it on every supported jax."""
+"""The device mesh of tensor parallelism (one axis, "tp") and shard_map over it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 TP_AXIS = "tp"
 
@@ -29,14 +29,10 @@ def make_mesh(tensor_parallel_size: int) -> Mesh:
     return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
 
 
-def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
-    """f run once per device on its shards (jax.shard_map, or the experimental one before it existed).
+def shard_map(f: Callable, mesh: Mesh | AbstractMesh, in_specs, out_specs) -> Callable:
+    """f run once per device on its shards (jax.shard_map, in every jax >= 0.11).
 
     The replication check is off: the FFI and Pallas kernels inside have no rule for it, and
     every spec here is written out by hand.
     """
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map as legacy_shard_map
-
-    return legacy_shard_map(f, mesh, in_specs, out_specs, check_rep=False)
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -43,6 +43,18 @@ HEADS_SPEC = P(None, TP_AXIS, None)  # q, k, v, attention output [T, N or K, H]:
 KV_POOL_SPEC = P(None, None, TP_AXIS, None)  # a layer's pool [NP, L, K, H]: each device its KV heads' pages
 
 
+def vocab_parts(vocab_size: int, tensor_parallel_size: int) -> int:
+    """Into how many parts embed, lm_head and so the logits are split by vocabulary: the device
+    count when it divides V, else 1 (param_spec keeps an uneven vocabulary whole)."""
+    return tensor_parallel_size if vocab_size % tensor_parallel_size == 0 else 1
+
+
+def logits_spec(vocab_size: int, tensor_parallel_size: int) -> P:
+    """The logits [B, V] as the vocabulary-split lm_head leaves them: the sampler reduces over the
+    split axis instead of gathering it (jpaged.runner.sampler)."""
+    return P(None, TP_AXIS if vocab_parts(vocab_size, tensor_parallel_size) > 1 else None)
+
+
 def matching_rules(name: str) -> list[int]:
     """Indices of the PARAM_SPECS rules that match a parameter name."""
     return [i for i, (pattern, _) in enumerate(PARAM_SPECS) if re.fullmatch(pattern, name)]

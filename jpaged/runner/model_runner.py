@@ -8,7 +8,9 @@ several at once; "lazy" gets a shape the first time a step needs it.
 
 With a mesh (tensor parallelism) the same two programs are SPMD over it: parameters and KV
 pools carry their NamedShardings (pools split by KV head, out_shardings = in_shardings so
-donation updates them in place), step inputs and logits are replicated on every device.
+donation updates them in place), step inputs replicated on every device, and the logits left
+split by vocabulary as the lm_head makes them: the sampler reduces across devices and exchanges
+only [B] values and B x k top-k candidates, never the [B, V] logits.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.llama import CausalLM
-from jpaged.parallel.shardings import KV_POOL_SPEC
+from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec
+from jpaged.parallel.vocab import vocab_parallel_top_k
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
 from jpaged.runner.sampler import SamplerOutput, sample
@@ -62,14 +65,22 @@ class ModelRunner:
         self.spec = spec
         self.store = store
         self.mesh = mesh
+        # Where the programs run (the executable store deserializes onto exactly these).
+        self.devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
         self.graphdef, self.state = nnx.split(model)
         self.kv_caches = alloc_kv_pools(
             config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype,
             sharding=None if mesh is None else NamedSharding(mesh, KV_POOL_SPEC),
         )
         self.vocab_size = config.vocab_size
-        # Step inputs (numpy) and the logits between the two programs: whole on every device.
-        self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        # Step inputs (numpy) whole on every device; the logits between the two programs split
+        # by vocabulary, and the sampler's top-k taken per device before any exchange.
+        self._replicated = self._logits_sharding = None
+        self._top_k = jax.lax.top_k
+        if mesh is not None:
+            self._replicated = NamedSharding(mesh, PartitionSpec())
+            self._logits_sharding = NamedSharding(mesh, logits_spec(config.vocab_size, mesh.size))
+            self._top_k = vocab_parallel_top_k(mesh, config.vocab_size)
         self._abstract_state, self._abstract_kv = _abstract(self.state), _abstract(self.kv_caches)
         # Python in a traced function runs only while tracing: num_traces counts traces, and a
         # warm restart from the store must leave it at 0. num_compiles counts XLA compilations.
@@ -82,7 +93,7 @@ class ModelRunner:
         placed = {}
         if mesh is not None:
             kv_shardings = jax.tree.map(lambda x: x.sharding, self.kv_caches)
-            placed = {"forward": dict(out_shardings=(kv_shardings, self._replicated)),
+            placed = {"forward": dict(out_shardings=(kv_shardings, self._logits_sharding)),
                       "sample": dict(out_shardings=self._replicated)}
         self._jitted = {
             "forward": jax.jit(self._traced_forward, donate_argnums=(1,), **placed.get("forward", {})),
@@ -99,7 +110,7 @@ class ModelRunner:
 
     def _traced_sample(self, logits, sampling):
         self._count("num_traces")
-        return sample(logits, sampling)
+        return sample(logits, sampling, top_k=self._top_k)
 
     def _count(self, counter: str) -> None:
         with self._lock:
@@ -115,7 +126,7 @@ class ModelRunner:
             (forward, "forward", lambda: (self._abstract_state, self._abstract_kv,
                                           _abstract(batch, self._replicated))),
             (f"sample-B{rows}", "sample", lambda: (
-                jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32, sharding=self._replicated),
+                jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32, sharding=self._logits_sharding),
                 _abstract(batch.sampling, self._replicated))),
         ]
 
