@@ -42,11 +42,20 @@ def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sli
     )
 
 
+def _targets_gpu() -> bool:
+    """Whether the program being traced is for a GPU: the abstract mesh's device when one is in
+    context (lowering for abstract H100s on a CPU machine, tests/kernels), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None:
+        return device.platform in ("cuda", "rocm", "gpu")
+    return jax.default_backend() == "gpu"
+
+
 def _pallas_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> jax.Array:
     # Off a GPU the kernel runs in the Pallas interpreter: correct but slow, for tests only.
     out = ragged_paged_attention(
         q.astype(k_pages.dtype), k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens,
-        scale=scale, sliding_window=sliding_window, interpret=jax.default_backend() != "gpu",
+        scale=scale, sliding_window=sliding_window, interpret=not _targets_gpu(),
     )
     return out.astype(q.dtype)
 

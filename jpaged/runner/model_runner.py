@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.llama import CausalLM
-from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec
+from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec, vocab_parts
 from jpaged.parallel.vocab import vocab_parallel_top_k
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
@@ -56,6 +56,17 @@ def _abstract(tree, host_sharding: jax.sharding.Sharding | None = None):
     return jax.tree.map(leaf, tree)
 
 
+def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batch: BatchInputs):
+    """The model program: (new KV pools, float32 logits [B, V] at batch.logits_indices).
+
+    What the runner compiles per (T, B, P) bucket, kept a plain function so tests can lower the
+    very same step for other devices (tests/kernels/test_kernel_lowering.py: 8 abstract H100s).
+    """
+    model = nnx.merge(graphdef, state)
+    hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.meta)  # [T, D]
+    return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
+
+
 class ModelRunner:
     """Runs padded batches through compiled executables; the KV pools are donated and replaced each call."""
 
@@ -76,11 +87,12 @@ class ModelRunner:
         # Step inputs (numpy) whole on every device; the logits between the two programs split
         # by vocabulary, and the sampler's top-k taken per device before any exchange.
         self._replicated = self._logits_sharding = None
-        self._top_k = jax.lax.top_k
+        self._top_k, self._vocab_parts = jax.lax.top_k, 1
         if mesh is not None:
             self._replicated = NamedSharding(mesh, PartitionSpec())
             self._logits_sharding = NamedSharding(mesh, logits_spec(config.vocab_size, mesh.size))
             self._top_k = vocab_parallel_top_k(mesh, config.vocab_size)
+            self._vocab_parts = vocab_parts(config.vocab_size, mesh.size)
         self._abstract_state, self._abstract_kv = _abstract(self.state), _abstract(self.kv_caches)
         # Python in a traced function runs only while tracing: num_traces counts traces, and a
         # warm restart from the store must leave it at 0. num_compiles counts XLA compilations.
@@ -104,13 +116,11 @@ class ModelRunner:
 
     def _traced_forward(self, state, kv_caches, batch: BatchInputs):
         self._count("num_traces")
-        model = nnx.merge(self.graphdef, state)
-        hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.meta)  # [T, D]
-        return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
+        return forward_step(self.graphdef, state, kv_caches, batch)
 
     def _traced_sample(self, logits, sampling):
         self._count("num_traces")
-        return sample(logits, sampling, top_k=self._top_k)
+        return sample(logits, sampling, top_k=self._top_k, vocab_parts=self._vocab_parts)
 
     def _count(self, counter: str) -> None:
         with self._lock:
