@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from jpaged import parallel
 from jpaged.config import EngineConfig
 from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
@@ -105,9 +106,8 @@ class LLMEngine:
         self.kv_capacity_tokens = (spec.num_pages - 1) * config.block_size
         runner = self.runner
         if loaded.mesh is not None:
-            logger.info("tensor parallel: mesh %s of %s devices; %d KV head(s) per device (the model has %d)",
-                        dict(loaded.mesh.shape), loaded.mesh.devices.flat[0].platform,
-                        loaded.run_config.num_kv_heads // config.tensor_parallel_size, loaded.config.num_kv_heads)
+            logger.info("%s", parallel.describe(loaded.mesh, runner.state, runner.kv_caches, loaded.config,
+                                                loaded.run_config, self.kv_capacity_tokens))
         logger.info(
             "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
             "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced)",

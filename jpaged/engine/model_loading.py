@@ -158,14 +158,17 @@ def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
 
 
 def kv_budget_bytes(config: EngineConfig) -> int:
-    """Bytes the KV pools may take: explicit, or a fraction of what the accelerator has left."""
+    """Bytes the KV pools may take on each device: explicit, or a fraction of what the
+    accelerator has left (the first device's: tensor parallelism loads every device alike)."""
     if config.kv_cache_memory_gib is not None:
         return int(config.kv_cache_memory_gib * 2**30)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         # Weights are already resident; keep 10% of the device for activations and XLA scratch.
         return max(int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0), 0)
-    return 2 * 2**30  # host memory: a fixed default, tunable with kv_cache_memory_gib
+    # Host memory: a fixed default, tunable with kv_cache_memory_gib. Host devices share one
+    # memory, so split over N of them it stays 2 GiB in all (the same capacity in tokens).
+    return 2 * 2**30 // config.tensor_parallel_size
 
 
 def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype, *,
