@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jpaged import LLM
+from jpaged.models.config import ModelConfig
 from tests.conftest import TINY_MODELS
 from tests.parallel.tp_job import run_job
 
@@ -131,6 +132,36 @@ def test_heads_that_do_not_split_are_refused_at_start(tmp_path):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 2 does not divide the model's 9 attention heads"
                                           r".*sizes that work: 1, 3"):
         LLM(str(config), load_format="dummy", tensor_parallel_size=2)
+
+
+def test_bench_throughput_with_tensor_parallelism(tiny_models, tmp_path):
+    _, hf_folder, _ = tiny_models["llama"]
+    out = tmp_path / "res.json"
+    argv = ["--model", str(hf_folder), "--num-prompts", "4", "--input-len", "24", "--output-len", "5",
+            "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--tensor-parallel-size", "2",
+            "--output-json", str(out)]
+    res = run_job("bench", {"argv": argv}, num_devices=2, tmp_path=tmp_path)
+    assert res["tensor_parallel_size"] == 2
+    assert res["output_tokens"] == 4 * 5 and res["num_compiles_after_warmup"] == 0
+    # The roofline counts what one device reads: its half of every split weight (the norms whole).
+    config = ModelConfig.from_file(hf_folder / "config.json")
+    read_by_all = (config.num_params() - config.vocab_size * config.hidden_size) * 4  # float32, embed only gathered
+    norms = (2 * config.num_layers + 1) * config.hidden_size * 4
+    assert res["decode_roofline"]["weight_mib"] * 2**20 == (read_by_all - norms) / 2 + norms
+
+
+def test_serve_passes_the_size_to_the_engine(monkeypatch):
+    import serve
+
+    from jpaged.cli import main as cli_main
+
+    seen = {}
+    monkeypatch.setattr(serve, "run_server", lambda settings: seen.setdefault("settings", settings))
+    cli_main(["serve", "--model", "some/model", "-tp", "3"])
+    assert seen["settings"].engine.tensor_parallel_size == 3
+    seen.clear()
+    cli_main(["serve", "--model", "some/model", "--tensor-parallel-size", "2"])
+    assert seen["settings"].engine.tensor_parallel_size == 2
 
 
 @pytest.mark.default_model

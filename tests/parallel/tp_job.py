@@ -177,6 +177,15 @@ def llama8b_step(num_layers: int, tp: int, batch: int = 8) -> dict:
             "sample_gathered": gathered_shapes(sampler), "vocab_size": config.vocab_size}
 
 
+def bench(argv: list[str]) -> dict:
+    """`jpaged bench throughput ARGV` through the command line; returns its JSON result."""
+    from jpaged.cli import main as cli_main
+
+    out = Path(argv[argv.index("--output-json") + 1])
+    assert cli_main(["bench", "throughput", *argv]) == 0
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     function, args, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     result = globals()[function](**args)
