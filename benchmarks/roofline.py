@@ -45,17 +45,24 @@ def measure_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
     return best_rate
 
 
+def _device_bytes(x) -> int:
+    """Bytes of an array on one device: all of it, or one shard under tensor parallelism (each
+    device reads its own shard in parallel, so the per-device bytes set the decode time)."""
+    return x.addressable_shards[0].data.nbytes
+
+
 def weight_bytes(runner) -> int:
-    """Parameter bytes a decode step reads: all of them, except an embedding table that is only
-    gathered from (when a separate lm_head, packed copy or untied, does the projection)."""
-    total = sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state))
+    """Parameter bytes a decode step reads on each device: all of them, except an embedding
+    table that is only gathered from (when a separate lm_head, packed copy or untied, does the projection)."""
+    total = sum(_device_bytes(leaf) for leaf in jax.tree.leaves(runner.state))
     has_head = "lm_head" in runner.state and runner.state["lm_head"] is not None
-    return total - (runner.state["embed"].nbytes if has_head else 0)
+    return total - (_device_bytes(runner.state["embed"][...]) if has_head else 0)
 
 
 def kv_bytes_per_position(runner) -> int:
-    """K and V of one position over all layers: sum over layers of 2 x K x H x itemsize."""
-    return sum(k.nbytes // (k.shape[0] * k.shape[1]) + v.nbytes // (v.shape[0] * v.shape[1])
+    """K and V of one position over all layers on each device: sum over layers of 2 x K' x H x
+    itemsize, K' the KV heads one device holds."""
+    return sum(_device_bytes(k) // (k.shape[0] * k.shape[1]) + _device_bytes(v) // (v.shape[0] * v.shape[1])
                for k, v in runner.kv_caches)
 
 

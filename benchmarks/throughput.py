@@ -43,6 +43,7 @@ class ThroughputConfig:
     max_model_len: int | None = None  # None: just enough for the workload's longest request
     hf_mode: str = "static-cache"
     linear_backend: str = "auto"  # jpaged's projections: auto | cpu | xla
+    tensor_parallel_size: int = 1  # jpaged: devices the model is split over
 
 
 def dummy_config_path(name: str) -> pathlib.Path:
@@ -96,6 +97,7 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
     max_len = cfg.max_model_len or max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
     kwargs = dict(dtype=cfg.dtype, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                   max_model_len=max_len, linear_backend=cfg.linear_backend,
+                  tensor_parallel_size=cfg.tensor_parallel_size,
                   warmup="full")  # every shape compiled before the clock starts, as a server would
     model = cfg.model
     if cfg.dummy_config:
@@ -187,10 +189,14 @@ def run_hf(cfg: ThroughputConfig, work: Workload) -> dict:
 def run(cfg: ThroughputConfig, work: Workload) -> dict:
     if cfg.backend not in ("jpaged", "hf", "hf-cb"):
         raise ValueError(f"backend must be jpaged, hf or hf-cb, got {cfg.backend!r}")
+    if cfg.backend != "jpaged" and cfg.tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size {cfg.tensor_parallel_size} is for --backend jpaged only, "
+                         f"not {cfg.backend}")
     res = run_jpaged(cfg, work) if cfg.backend == "jpaged" else run_hf(cfg, work)
     seconds = res["seconds"]
     res.update(
         backend=cfg.backend, model=cfg.dummy_config or cfg.model or "SmolLM2-135M-Instruct (default)",
+        tensor_parallel_size=cfg.tensor_parallel_size,
         dtype=resolved_dtype(cfg.dtype), num_requests=len(work.prompts), prompt_tokens=work.num_prompt_tokens,
         output_tokens=work.num_output_tokens, requests_per_s=len(work.prompts) / seconds,
         total_tokens_per_s=(work.num_prompt_tokens + work.num_output_tokens) / seconds,
@@ -246,6 +252,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--linear-backend", default="auto", help="jpaged's projections: auto | cpu | xla")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="jpaged: devices to split the model over (on a CPU, XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=N before the run gives N host devices)")
     p.add_argument("--output-json", default=None)
     return p
 
@@ -270,7 +279,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     cfg = ThroughputConfig(backend=args.backend, model=args.model, dummy_config=args.dummy_config, dtype=args.dtype,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, hf_mode=args.hf_mode,
-                           linear_backend=args.linear_backend)
+                           linear_backend=args.linear_backend, tensor_parallel_size=args.tensor_parallel_size)
     work = workload_from_args(args, vocab_size_of(cfg.model, cfg.dummy_config))
     res = run(cfg, work)
     res.update(dataset=args.workload or args.dataset, meta=device_info())

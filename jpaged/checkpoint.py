@@ -245,12 +245,15 @@ def load_params(
     *,
     check_hashes: bool = True,
     sharding: jax.sharding.Sharding | Callable[[str], jax.sharding.Sharding] | None = None,
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> ParamTree:
     """Verifies a checkpoint and restores its parameters as jax arrays in `dtype`.
 
     Args:
         sharding: where each array goes: one Sharding for all, or a function of the dotted parameter
             name; SingleDeviceSharding(jax.devices()[0]) by default.
+        transform: (dotted name, host array) -> the host array to place, applied after the shape
+            check and before the transfer (tensor parallelism repeats KV heads here).
     """
     ckpt_dir = Path(ckpt_dir).absolute()
     manifest = read_manifest(ckpt_dir)
@@ -263,6 +266,8 @@ def load_params(
     with _reading(ckpt_dir / PARAMS_DIR):
         for read in reads:
             read.result()
+    if transform is not None:
+        arrays = [transform(name, x) for name, x in zip(names, arrays)]
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = [sharding(name) if callable(sharding) else sharding for name in names]

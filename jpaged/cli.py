@@ -33,11 +33,14 @@ def _add_engine_args(p: argparse.ArgumentParser, warmup: str) -> None:
     p.add_argument("--warmup", default=warmup, choices=["full", "lazy"],
                    help=f"compile every step shape before ready (full) or each when first needed (lazy); default {warmup}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="devices to split the model over (it must divide the attention heads); default 1")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "num_kv_blocks", "block_size", "attn_backend", "linear_backend", "warmup", "seed"]
+             "num_kv_blocks", "block_size", "attn_backend", "linear_backend", "warmup", "seed",
+             "tensor_parallel_size"]
     return {name: getattr(args, name) for name in names}
 
 

@@ -23,7 +23,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     """KV pages per layer including the null page; None = sized from the memory budget."""
     kv_cache_memory_gib: float | None = None
-    """KV budget in GiB; None = gpu_memory_utilization of an accelerator, or 2 GiB of host memory."""
+    """KV budget in GiB per device; None = gpu_memory_utilization of an accelerator, or 2 GiB of host memory."""
     gpu_memory_utilization: float = 0.9
     """Fraction of accelerator memory jpaged may hold (weights + KV), in (0, 1]."""
     enable_prefix_caching: bool = True
@@ -44,6 +44,10 @@ class EngineConfig:
     default of LLM and `jpaged generate`). Compiled executables are kept on disk either way."""
     seed: int = 0
     """Seed of the engine's generator (per-request seeds of requests that give none; dummy weights)."""
+    tensor_parallel_size: int = 1
+    """Devices the model is split over (Megatron-style, heads and MLP columns; jpaged.parallel).
+    It must divide the attention heads and the MLP width, and divide the KV heads or be a multiple
+    of them (then KV heads are repeated). 1 = one device, no mesh."""
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):
@@ -60,3 +64,4 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
         check(self.warmup in ("full", "lazy"), "warmup", "full|lazy")
         check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", ">= 1")

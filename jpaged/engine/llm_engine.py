@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jpaged import parallel
 from jpaged.config import EngineConfig
 from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
@@ -81,13 +82,16 @@ class LLMEngine:
             self.max_model_len = max_model_len(config, loaded.config)
             with phases("kernels"):  # the CPU kernels are built (once per machine) and measured here
                 backend = resolve_backend(config.attn_backend, loaded.dtype)
-                linear = resolve_linear_backend(config.linear_backend, loaded.dtype)
+                linear = resolve_linear_backend(config.linear_backend, loaded.dtype,
+                                                tensor_parallel_size=config.tensor_parallel_size)
             self.attn_backend, self.linear_backend = backend, linear
-            spec = bucket_spec(config, loaded.config, self.max_model_len, loaded.dtype, attn_backend=backend,
+            # run_config: KV heads repeated up to the device count (jpaged.parallel), if needed.
+            spec = bucket_spec(config, loaded.run_config, self.max_model_len, loaded.dtype, attn_backend=backend,
                                num_pages=kv_pools and kv_pools[0])
             with phases("build_model"):
-                model = build_model(loaded.config, loaded.params, backend=backend, linear=linear, dtype=loaded.dtype)
-                self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype,
+                model = build_model(loaded.run_config, loaded.params, backend=backend, linear=linear,
+                                    dtype=loaded.dtype, mesh=loaded.mesh)
+                self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype, mesh=loaded.mesh,
                                           kv_caches=kv_pools and kv_pools[1].result())
             self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -109,6 +113,9 @@ class LLMEngine:
         self._compiles_at_warmup = self.runner.num_compiles
         self.kv_capacity_tokens = (spec.num_pages - 1) * config.block_size
         runner = self.runner
+        if loaded.mesh is not None:
+            logger.info("%s", parallel.describe(loaded.mesh, runner.state, runner.kv_caches, loaded.config,
+                                                loaded.run_config, self.kv_capacity_tokens))
         logger.info(
             "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
             "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced, "
@@ -131,7 +138,7 @@ class LLMEngine:
         load, else None. Zeroing a host pool is page faults (~2 s for 1.5 GB), on another core
         while the weights and tokenizer load; an accelerator zeroes its pool in milliseconds,
         once the weights show what memory is left."""
-        if kv_size_needs_weights(config):
+        if kv_size_needs_weights(config) or config.tensor_parallel_size > 1:  # a mesh's pools: the runner's
             return None
         model_config = ModelConfig.from_file(folder / "config.json")
         dtype = runtime_dtype(config.dtype)

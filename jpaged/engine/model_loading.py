@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from jpaged import checkpoint
+from jpaged import checkpoint, parallel
 from jpaged.config import EngineConfig
 from jpaged.model_files import jpaged_home, resolve_model
 from jpaged.models.config import ModelConfig
-from jpaged.models.params import ParamTree, random_params
+from jpaged.models.params import ParamTree, abstract_params, flatten, random_params
 from jpaged.runner.batch import BucketSpec
 from jpaged.runner.buckets import power_of_two_buckets, token_buckets
 from jpaged.runner.executable_store import ExecutableStore, program_key, tree_signature
@@ -31,10 +33,16 @@ logger = logging.getLogger("jpaged")
 @dataclasses.dataclass
 class LoadedModel:
     folder: Path
-    config: ModelConfig
-    params: ParamTree
+    config: ModelConfig  # the checkpoint's
+    params: ParamTree  # placed: on one device, or on the mesh by jpaged.parallel's table
     dtype: jnp.dtype
     tokenizer: object | None  # a transformers tokenizer, or None for token-id-only models
+    mesh: Mesh | None = None  # tensor parallelism's, or None on one device
+    run_config: ModelConfig | None = None  # what the model and KV pools are built from (KV heads repeated)
+
+    def __post_init__(self):
+        if self.run_config is None:
+            self.run_config = self.config
 
 
 class StartupClock:
@@ -63,9 +71,12 @@ def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec
         buckets=repr(spec), attn_backend=backend, linear_backend=linear,
         kernel_library=cpu_build.library_name() if "cpu" in (backend, linear) else None,
         params=tree_signature(runner.state), kv_pools=tree_signature(runner.kv_caches),
+        # Shardings name the mesh's shape, not its devices; a one-device program keeps its old key.
+        **({"mesh": f"{dict(loaded.mesh.shape)} over devices {loaded.mesh.device_ids.ravel().tolist()}"}
+           if loaded.mesh is not None else {}),
     )
     try:
-        return ExecutableStore(jpaged_home() / "executables", key)
+        return ExecutableStore(jpaged_home() / "executables", key, devices=runner.devices)
     except OSError as err:
         logger.warning("executable cache disabled: %s", err)
         return None
@@ -116,18 +127,31 @@ def resolve_model_folder(config: EngineConfig) -> Path:
 
 
 def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
-    """The weights on the device and the tokenizer. The tokenizer loads on another thread
-    meanwhile: importing transformers is ~1.5 s of Python, the weights' reads and transfer
-    mostly wait on TensorStore and XLA without the GIL."""
+    """The weights on the device and the tokenizer, which loads on another thread meanwhile
+    (importing transformers is ~1.5 s of Python; the weights' reads and transfer mostly wait on
+    TensorStore and XLA without the GIL). With tensor_parallel_size > 1 the weights go straight
+    onto the mesh: each parameter placed by jpaged.parallel's table, KV heads repeated on the
+    host first when there are fewer than devices. A head count that cannot split fails before
+    any read."""
     dtype = runtime_dtype(config.dtype)
     model_config = ModelConfig.from_file(folder / "config.json")
+    tp = config.tensor_parallel_size
+    mesh, run_config, shardings, repeat = None, model_config, None, None
+    if tp > 1:
+        parallel.validate(model_config, tp)
+        mesh = parallel.make_mesh(tp)
+        run_config = parallel.sharded_model_config(model_config, tp)
+        shapes = {name: x.shape for name, x in flatten(abstract_params(run_config)).items()}
+        shardings = parallel.param_shardings(shapes, mesh)
+        repeat = functools.partial(parallel.repeat_kv_heads, config=model_config, tensor_parallel_size=tp)
     with ThreadPoolExecutor(1, thread_name_prefix="jpaged-tokenizer") as pool:
         tokenizer = pool.submit(_load_tokenizer, folder)
         if config.load_format == "dummy":
-            params = random_params(model_config, dtype, seed=config.seed)
+            params = random_params(model_config, dtype, seed=config.seed, transform=repeat, shardings=shardings)
         else:
-            params = checkpoint.load_params(folder, model_config, dtype)
-        return LoadedModel(folder, model_config, params, dtype, tokenizer.result())
+            params = checkpoint.load_params(folder, model_config, dtype, transform=repeat,
+                                            sharding=None if shardings is None else shardings.__getitem__)
+        return LoadedModel(folder, model_config, params, dtype, tokenizer.result(), mesh, run_config)
 
 
 def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
@@ -148,14 +172,17 @@ def kv_size_needs_weights(config: EngineConfig) -> bool:
 
 
 def kv_budget_bytes(config: EngineConfig) -> int:
-    """Bytes the KV pools may take: explicit, or a fraction of what the accelerator has left."""
+    """Bytes the KV pools may take on each device: explicit, or a fraction of what the
+    accelerator has left (the first device's: tensor parallelism loads every device alike)."""
     if config.kv_cache_memory_gib is not None:
         return int(config.kv_cache_memory_gib * 2**30)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         # Weights are already resident; keep 10% of the device for activations and XLA scratch.
         return max(int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0), 0)
-    return 2 * 2**30  # host memory: a fixed default, tunable with kv_cache_memory_gib
+    # Host memory: a fixed default, tunable with kv_cache_memory_gib. Host devices share one
+    # memory, so split over N of them it stays 2 GiB in all (the same capacity in tokens).
+    return 2 * 2**30 // config.tensor_parallel_size
 
 
 def num_kv_pages(config: EngineConfig, model_config: ModelConfig, max_len: int, dtype: jnp.dtype) -> int:
@@ -164,7 +191,8 @@ def num_kv_pages(config: EngineConfig, model_config: ModelConfig, max_len: int, 
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     bs = config.block_size
-    page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs
+    # Per device: each holds its KV heads' share of every page (jpaged.parallel).
+    page_bytes = model_config.kv_bytes_per_token(dtype.itemsize) * bs // config.tensor_parallel_size
     return min(kv_budget_bytes(config) // page_bytes, config.max_num_seqs * math.ceil(max_len / bs)) + 1
 
 

@@ -7,9 +7,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from jpaged.models.xla_attention import ragged_paged_attention_xla
 from pallas_kernels import ragged_paged_attention
+from jpaged.parallel.mesh import shard_map
+from jpaged.parallel.shardings import HEADS_SPEC, KV_POOL_SPEC
+from jpaged.typing import KVCache
 from pallas_kernels.cpu_attention import ragged_paged_attention_cpu
 
 
@@ -38,11 +42,20 @@ def _xla_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sli
     )
 
 
+def _targets_gpu() -> bool:
+    """Whether the program being traced is for a GPU: the abstract mesh's device when one is in
+    context (lowering for abstract H100s on a CPU machine, tests/kernels), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None:
+        return device.platform in ("cuda", "rocm", "gpu")
+    return jax.default_backend() == "gpu"
+
+
 def _pallas_backend(q, k_pages, v_pages, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> jax.Array:
     # Off a GPU the kernel runs in the Pallas interpreter: correct but slow, for tests only.
     out = ragged_paged_attention(
         q.astype(k_pages.dtype), k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens,
-        scale=scale, sliding_window=sliding_window, interpret=jax.default_backend() != "gpu",
+        scale=scale, sliding_window=sliding_window, interpret=not _targets_gpu(),
     )
     return out.astype(q.dtype)
 
@@ -86,9 +99,50 @@ def paged_attention(
     return BACKENDS[backend](q, k_pages, v_pages, meta, scale, sliding_window)
 
 
+def write_and_attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv: KVCache,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    backend: str,
+    sliding_window: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Writes this step's k, v [T, K, H] into a layer's pools, then attends q [T, N, H] through them.
+
+    Returns the attention output [T, N, H] and the new pools. With a mesh (tensor parallelism)
+    both run once per device under shard_map on that device's heads: q, k, v and the output
+    split on their head axis, the pools [NP, L, K, H] on K, the metadata whole. Every device
+    holds the same pages for every block id, so block tables and slots need no translation,
+    the scatter stays local and the donated pools never move.
+    """
+
+    def local(q, k, v, k_pages, v_pages, meta):
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+        out = paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend, sliding_window=sliding_window)
+        return out, k_pages, v_pages
+
+    if mesh is not None:
+        local = shard_map(local, mesh, in_specs=(HEADS_SPEC,) * 3 + (KV_POOL_SPEC,) * 2 + (PartitionSpec(),),
+                          out_specs=(HEADS_SPEC, KV_POOL_SPEC, KV_POOL_SPEC))
+    out, k_pages, v_pages = local(q, k, v, kv[0], kv[1], meta)
+    return out, (k_pages, v_pages)
+
+
 def alloc_kv_pools(
-    num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype
+    num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed (k_pages, v_pages) [NP, L, K, H] per layer; page 0 is the null page."""
+    """Zeroed (k_pages, v_pages) [NP, L, K, H] per layer; page 0 is the null page.
+
+    With a sharding each pool is made in place, every device zeroing only its shard (a full
+    pool is never on one device).
+    """
     shape = (num_pages, page_size, num_kv_heads, head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+    if sharding is None:
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return [(zeros(), zeros()) for _ in range(num_layers)]

@@ -42,10 +42,17 @@ def resolve_backend(name: str, dtype=jnp.float32) -> str:
     return _resolve("attention", name, tuple(BACKENDS), dtype, on_gpu="pallas", operation="attention")
 
 
-def resolve_linear_backend(name: str, dtype=jnp.float32) -> str:
+def resolve_linear_backend(name: str, dtype=jnp.float32, *, tensor_parallel_size: int = 1) -> str:
     """Maps linear backend "auto" to a concrete one for the default device and the weight dtype.
 
     auto: on a CPU the C++ kernel for float32 when it can be built and measures faster than
-    XLA's dot on this machine (kernel_choice), else XLA's dot.
+    XLA's dot on this machine (kernel_choice), else XLA's dot. With tensor parallelism always
+    XLA's dot: XLA partitions it from the weights' shardings, while the C++ kernel reads a packed
+    layout the sharding table does not split (it would need its own shard_map).
     """
+    if tensor_parallel_size > 1 and name in ("auto", "cpu"):
+        if name == "cpu":
+            raise ValueError(f"linear backend 'cpu' is unavailable with tensor_parallel_size {tensor_parallel_size}; "
+                             "use xla (or auto)")
+        return "xla"
     return _resolve("linear", name, LINEAR_BACKENDS, dtype, on_gpu="xla", operation="linear")

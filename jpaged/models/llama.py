@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
-from jpaged.models.attention import AttentionMetadata, paged_attention, write_kv
+from jpaged.models.attention import AttentionMetadata, write_and_attend
 from jpaged.models.config import ModelConfig
 from jpaged.models.rope import apply_rope, inverse_frequencies
 from jpaged.typing import KVCache
@@ -61,7 +62,12 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None):
+    """Self-attention over the paged KV pool. With a mesh the paged part runs per device on its
+    heads (write_and_attend); the projections are ordinary matmuls XLA partitions from the
+    parameters' shardings."""
+
+    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None,
+                 mesh: Mesh | None = None):
         d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.q_proj = Linear(d, n * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear)
@@ -75,6 +81,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.config = config
         self.backend = backend
+        self.mesh = mesh
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv: KVCache, meta: AttentionMetadata
@@ -88,12 +95,11 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(self.config)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        out = paged_attention(
-            q, k_pages, v_pages, meta,
-            scale=self.head_dim**-0.5, backend=self.backend, sliding_window=self.config.sliding_window,
+        out, kv = write_and_attend(
+            q, k, v, kv, meta,
+            scale=self.head_dim**-0.5, backend=self.backend, sliding_window=self.config.sliding_window, mesh=self.mesh,
         )
-        return self.o_proj(out.reshape(num_tokens, -1)), (k_pages, v_pages)
+        return self.o_proj(out.reshape(num_tokens, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -108,9 +114,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None):
+    def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None,
+                 mesh: Mesh | None = None):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs)
+        self.attn = Attention(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs, mesh=mesh)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, linear=linear, dtype=dtype, rngs=rngs)
 
@@ -126,15 +133,17 @@ class CausalLM(nnx.Module):
     backend names the attention backend, linear the projections' ("xla", or "cpu": the C++
     kernel over packed weights; there a tied lm_head is a packed copy of the embedding, since
     the kernel reads only that layout: V x D more floats for 2-3 ms less per decode step).
+    mesh (tensor parallelism) reaches only the attention's shard_map; the rest is sharding-free.
     """
 
     def __init__(
-        self, config: ModelConfig, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs | None
+        self, config: ModelConfig, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32,
+        rngs: nnx.Rngs | None, mesh: Mesh | None = None,
     ):
         self.config = config
         self.embed = _param(_INIT, rngs, (config.vocab_size, config.hidden_size), dtype)
         self.layers = nnx.List([
-            DecoderLayer(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs)
+            DecoderLayer(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs, mesh=mesh)
             for _ in range(config.num_layers)
         ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)

@@ -6,11 +6,12 @@ That dict is what checkpoints hold and what conversion fills, e.g.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jpaged.models.config import ModelConfig
 from jpaged.models.llama import CausalLM
@@ -32,9 +33,9 @@ def _nnx_keys(tree: Any, like: Any) -> Any:
     return tree
 
 
-def _abstract_model(config: ModelConfig, backend: str, linear: str, dtype) -> CausalLM:
+def _abstract_model(config: ModelConfig, backend: str, linear: str, dtype, mesh: Mesh | None = None) -> CausalLM:
     """The model with shape-only parameters (rngs=None): nothing is computed or allocated."""
-    return CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=None)
+    return CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=None, mesh=mesh)
 
 
 def _pure_dict(state: nnx.State) -> dict:
@@ -70,28 +71,43 @@ def unflatten(flat: dict[str, Any]) -> ParamTree:
 
 
 def build_model(
-    config: ModelConfig, params: ParamTree, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32
+    config: ModelConfig, params: ParamTree, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32,
+    mesh: Mesh | None = None,
 ) -> CausalLM:
     """A CausalLM whose parameters are the given arrays (no copy, no random init).
 
     With linear="cpu" every projection kernel [in, out] is packed for the C++ kernel (a copy;
-    a tied lm_head gets its own, packed from the embedding).
+    a tied lm_head gets its own, packed from the embedding). With a mesh (tensor parallelism)
+    the params are already placed by jpaged.parallel's table and the attention runs per device.
     """
     if linear == "cpu":
         if config.tie_word_embeddings:
             params = {**params, "lm_head": {"kernel": params["embed"].T}}
         pack = jax.jit(pack_columns)
         params = unflatten({name: pack(w) if name.endswith(".kernel") else w for name, w in flatten(params).items()})
-    graphdef, state = nnx.split(_abstract_model(config, backend, linear, dtype))
+    graphdef, state = nnx.split(_abstract_model(config, backend, linear, dtype, mesh))
     nnx.replace_by_pure_dict(state, _nnx_keys(params, _pure_dict(state)))
     return nnx.merge(graphdef, state)
 
 
-def random_params(config: ModelConfig, dtype, seed: int = 0) -> ParamTree:
-    """Random weights of the config's shapes, made on the default device in one jitted call."""
+def random_params(
+    config: ModelConfig, dtype, seed: int = 0, *,
+    transform: Callable[[str, jax.Array], jax.Array] | None = None,
+    shardings: dict[str, jax.sharding.Sharding] | None = None,
+) -> ParamTree:
+    """Random weights of the config's shapes, made on the default device in one jitted call.
+
+    transform(dotted name, array) reshapes each one inside that call, and `shardings` {dotted
+    name: Sharding} places the results: each device makes only its shard (the random bits are
+    the same whatever the sharding), so a model too big for one device never is on one.
+    """
 
     def init():
         model = CausalLM(config, backend="xla", dtype=dtype, rngs=nnx.Rngs(seed))
-        return _pure_dict(nnx.state(model, nnx.Param))
+        params = _stringify_keys(_pure_dict(nnx.state(model, nnx.Param)))
+        if transform is not None:
+            params = unflatten({name: transform(name, x) for name, x in flatten(params).items()})
+        return params
 
-    return _stringify_keys(jax.jit(init)())
+    placed = {} if shardings is None else {"out_shardings": unflatten(shardings)}
+    return _stringify_keys(jax.jit(init, **placed)())

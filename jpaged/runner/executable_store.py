@@ -77,9 +77,16 @@ def program_key(**parts: Any) -> dict[str, Any]:
 
 
 class ExecutableStore:
-    """Loads and saves the compiled executables of one program key under `root`."""
+    """Loads and saves the compiled executables of one program key under `root`.
 
-    def __init__(self, root: Path, key: dict[str, Any]):
+    `devices` are the ones the executables run on (a tensor-parallel mesh's, or the one device);
+    None means all of the default backend's. They must be named: an executable deserialized for
+    more devices than it was compiled for aborts the process inside XLA (not an exception), which
+    is what a 2-device program on a 4-device host, or a 1-device one among forced host devices, hits.
+    """
+
+    def __init__(self, root: Path, key: dict[str, Any], devices: list[jax.Device] | None = None):
+        self.devices = devices
         text = json.dumps(key, sort_keys=True)
         self.folder = root / hashlib.sha256(text.encode()).hexdigest()[:20]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -125,7 +132,8 @@ class ExecutableStore:
         if payload is not None:
             try:
                 stored_name, serialized, in_tree, out_tree = pickle.loads(payload)
-                compiled = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+                compiled = serialize_executable.deserialize_and_load(
+                    serialized, in_tree, out_tree, execution_devices=self.devices)
             except Exception as err:  # a stale or foreign payload: any failure means "rebuild"
                 problem = f"cannot be loaded ({type(err).__name__}: {str(err)[:200]})"
             else:

@@ -5,6 +5,12 @@ Each bucket shape has two executables, compiled ahead of time from abstract shap
 They come from, in order: this process's table, the on-disk ExecutableStore (no tracing), or
 a lower + compile. Warm-up "full" gets every shape before the engine is ready, compiling
 several at once; "lazy" gets a shape the first time a step needs it.
+
+With a mesh (tensor parallelism) the same two programs are SPMD over it: parameters and KV
+pools carry their NamedShardings (pools split by KV head, out_shardings = in_shardings so
+donation updates them in place), step inputs replicated on every device, and the logits left
+split by vocabulary as the lm_head makes them: the sampler reduces across devices and exchanges
+only [B] values and B x k top-k candidates, never the [B, V] logits.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from typing import Callable
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.llama import CausalLM
+from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec, vocab_parts
+from jpaged.parallel.vocab import vocab_parallel_top_k
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
 from jpaged.runner.sampler import SamplerOutput, sample
@@ -38,32 +47,57 @@ def compile_workers() -> int:
     return max(1, int(os.environ.get("JPAGED_COMPILE_WORKERS", 0)) or os.cpu_count() or 1)
 
 
-def _abstract(tree):
-    """ShapeDtypeStructs of a pytree of arrays, keeping committed arrays' shardings."""
+def _abstract(tree, host_sharding: jax.sharding.Sharding | None = None):
+    """ShapeDtypeStructs of a pytree of arrays, keeping committed arrays' shardings; host (numpy)
+    arrays get host_sharding (None: wherever jit puts them)."""
     def leaf(x):
-        sharding = x.sharding if isinstance(x, jax.Array) else None
+        sharding = x.sharding if isinstance(x, jax.Array) else host_sharding
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
     return jax.tree.map(leaf, tree)
+
+
+def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batch: BatchInputs):
+    """The model program: (new KV pools, float32 logits [B, V] at batch.logits_indices).
+
+    What the runner compiles per (T, B, P) bucket, kept a plain function so tests can lower the
+    very same step for other devices (tests/kernels/test_kernel_lowering.py: 8 abstract H100s).
+    """
+    model = nnx.merge(graphdef, state)
+    hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.meta)  # [T, D]
+    return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
 
 
 class ModelRunner:
     """Runs padded batches through compiled executables; the KV pools are donated and replaced each call."""
 
     def __init__(self, model: CausalLM, spec: BucketSpec, *, kv_dtype, store: ExecutableStore | None = None,
-                 kv_caches: list[KVCache] | None = None):
+                 mesh: Mesh | None = None, kv_caches: list[KVCache] | None = None):
         """kv_caches: the zeroed pools (alloc_kv_pools of spec's shape), when the caller made them
         already (the engine does, on another thread while the weights load); else made here."""
         config = model.config
         self.spec = spec
         self.store = store
+        self.mesh = mesh
+        # Where the programs run (the executable store deserializes onto exactly these).
+        self.devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
         self.graphdef, self.state = nnx.split(model)
         if kv_caches is None:
             kv_caches = alloc_kv_pools(
-                config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype
+                config.num_layers, spec.num_pages, spec.page_size, config.num_kv_heads, config.head_dim, kv_dtype,
+                sharding=None if mesh is None else NamedSharding(mesh, KV_POOL_SPEC),
             )
         self.kv_caches = kv_caches
         self.vocab_size = config.vocab_size
+        # Step inputs (numpy) whole on every device; the logits between the two programs split
+        # by vocabulary, and the sampler's top-k taken per device before any exchange.
+        self._replicated = self._logits_sharding = None
+        self._top_k, self._vocab_parts = jax.lax.top_k, 1
+        if mesh is not None:
+            self._replicated = NamedSharding(mesh, PartitionSpec())
+            self._logits_sharding = NamedSharding(mesh, logits_spec(config.vocab_size, mesh.size))
+            self._top_k = vocab_parallel_top_k(mesh, config.vocab_size)
+            self._vocab_parts = vocab_parts(config.vocab_size, mesh.size)
         self._abstract_state, self._abstract_kv = _abstract(self.state), _abstract(self.kv_caches)
         # Python in a traced function runs only while tracing: num_traces counts traces, and a
         # warm restart from the store must leave it at 0. num_compiles counts XLA compilations.
@@ -74,9 +108,14 @@ class ModelRunner:
         # Two programs: the model varies with (T, B, P), the sampler only with B, so keeping
         # them apart compiles the sampler a few times instead of once per model shape. The
         # logits stay on the device between them.
+        placed = {}
+        if mesh is not None:
+            kv_shardings = jax.tree.map(lambda x: x.sharding, self.kv_caches)
+            placed = {"forward": dict(out_shardings=(kv_shardings, self._logits_sharding)),
+                      "sample": dict(out_shardings=self._replicated)}
         self._jitted = {
-            "forward": jax.jit(self._traced_forward, donate_argnums=(1,)),
-            "sample": jax.jit(self._traced_sample),
+            "forward": jax.jit(self._traced_forward, donate_argnums=(1,), **placed.get("forward", {})),
+            "sample": jax.jit(self._traced_sample, **placed.get("sample", {})),
         }
         self._executables: dict[str, jax.stages.Compiled] = {}
         self._lock = threading.Lock()  # counters and the table, when a pool compiles
@@ -85,13 +124,11 @@ class ModelRunner:
 
     def _traced_forward(self, state, kv_caches, batch: BatchInputs):
         self._count("num_traces")
-        model = nnx.merge(self.graphdef, state)
-        hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.meta)  # [T, D]
-        return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
+        return forward_step(self.graphdef, state, kv_caches, batch)
 
     def _traced_sample(self, logits, sampling):
         self._count("num_traces")
-        return sample(logits, sampling)
+        return sample(logits, sampling, top_k=self._top_k, vocab_parts=self._vocab_parts)
 
     def _count(self, counter: str) -> None:
         with self._lock:
@@ -104,9 +141,11 @@ class ModelRunner:
         t, (b, p), rows = len(batch.token_ids), batch.meta.block_tables.shape, len(batch.logits_indices)
         forward = f"forward-T{t}-B{b}-P{p}" + (f"-R{rows}" if rows != b else "")
         return [
-            (forward, "forward", lambda: (self._abstract_state, self._abstract_kv, _abstract(batch))),
-            (f"sample-B{rows}", "sample", lambda: (jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32),
-                                                   _abstract(batch.sampling))),
+            (forward, "forward", lambda: (self._abstract_state, self._abstract_kv,
+                                          _abstract(batch, self._replicated))),
+            (f"sample-B{rows}", "sample", lambda: (
+                jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32, sharding=self._logits_sharding),
+                _abstract(batch.sampling, self._replicated))),
         ]
 
     def _lower(self, name: str, fn: str, make_args: Callable[[], tuple]):

@@ -4,16 +4,28 @@ Order, as in vLLM: penalties on the raw logits, temperature, then min-p and top-
 top-p on what they leave, then a draw from each row's own random stream (one uniform per
 token, by inverse CDF). Log-probabilities are those of the raw model distribution. Nothing
 here sorts the vocabulary: on a CPU a sort of [64, 49152] logits alone takes ~0.4 s.
+
+With tensor parallelism the logits arrive split by vocabulary over the devices (the lm_head's
+columns). Every step here but one is elementwise or a reduction over the vocabulary (max, sums,
+the argmax as max + min of indices), which XLA partitions into per-device reductions and
+all-reduces of [B] values. The exceptions: lax.top_k, for which XLA all-gathers the whole
+[B, V] first, so the top-k is a parameter and the runner passes jpaged.parallel's
+vocabulary-parallel one (each device's top k, then the top k of the B x devices x k
+candidates); and the inverse-CDF's blocks, sized to never straddle two devices' columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 MAX_LOGPROBS = 20  # top alternatives computed every step; requests ask for 0..20
+
+# (x [B, V], k) -> (values [B, k] descending, int32 ids [B, k]; the lowest id first on ties)
+TopK = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
 
 
 @jax.tree_util.register_dataclass
@@ -103,7 +115,7 @@ def _top_set_threshold(x: jax.Array, weights: jax.Array, limit: jax.Array) -> ja
 _CANDIDATES = 64  # top-k / top-p are read off this many largest logits when they suffice
 
 
-def _filter(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+def _filter(logits: jax.Array, s: SamplingArrays, top_k: TopK = jax.lax.top_k) -> jax.Array:
     """min-p, top-k, then top-p on what is left (renormalized), as in vLLM; dropped tokens get -inf.
 
     Both cuts are thresholds (a token stays if its logit is >= the cut, so ties stay together).
@@ -115,7 +127,7 @@ def _filter(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     min_p_cut = jnp.where(s.min_p[:, None] > 0, best + jnp.log(jnp.maximum(s.min_p[:, None], 1e-38)), -jnp.inf)
     x = jnp.where(logits >= min_p_cut, logits, -jnp.inf)
     num_cand = min(_CANDIDATES, vocab)
-    cand, _ = jax.lax.top_k(x, num_cand)  # [B, C] descending
+    cand, _ = top_k(x, num_cand)  # [B, C] descending
 
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
     top_k_cut = jnp.take_along_axis(cand, jnp.clip(k - 1, 0, num_cand - 1)[:, None], axis=-1)
@@ -147,7 +159,18 @@ def _filter(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 _CDF_BLOCK = 256
 
 
-def _inverse_cdf_draw(logits: jax.Array, u: jax.Array) -> jax.Array:
+def cdf_block_size(vocab: int, vocab_parts: int = 1) -> int:
+    """The inverse-CDF draw's block: 256 tokens, or with the vocabulary split into parts over
+    devices the divisor of V / parts nearest 256, so that no block straddles two devices and
+    the [B, V] -> [B, blocks, block] reshape stays on each device (with blocks that straddle,
+    XLA all-gathers the whole [B, V] first: Llama-3's 128256 / 8 = 16032 is no multiple of 256)."""
+    if vocab_parts == 1:
+        return _CDF_BLOCK
+    width = vocab // vocab_parts
+    return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: (abs(d - _CDF_BLOCK), d))
+
+
+def _inverse_cdf_draw(logits: jax.Array, u: jax.Array, block: int = _CDF_BLOCK) -> jax.Array:
     """One token per row of logits [B, V] (-inf = never), for uniforms u [B] in [0, 1).
 
     Inverse-CDF sampling in two levels (block sums, then one block) needs one random number per
@@ -155,24 +178,29 @@ def _inverse_cdf_draw(logits: jax.Array, u: jax.Array) -> jax.Array:
     """
     batch, vocab = logits.shape
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V]; 0 where -inf
-    num_blocks = -(-vocab // _CDF_BLOCK)
-    weights = jnp.pad(weights, ((0, 0), (0, num_blocks * _CDF_BLOCK - vocab)))
-    blocks = weights.reshape(batch, num_blocks, _CDF_BLOCK)
+    num_blocks = -(-vocab // block)
+    if num_blocks * block != vocab:
+        weights = jnp.pad(weights, ((0, 0), (0, num_blocks * block - vocab)))
+    blocks = weights.reshape(batch, num_blocks, block)
     block_sums = blocks.sum(-1)  # [B, nb]
     block_cdf = jnp.cumsum(block_sums, axis=-1)
     target = u * block_cdf[:, -1]
     rows = jnp.arange(batch)
     last_block = num_blocks - 1 - fast_argmax((block_sums > 0)[:, ::-1].astype(jnp.int32))
-    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), last_block)  # first block past target
-    inside = blocks[rows, block]  # [B, 256]
-    cdf = block_cdf[rows, block][:, None] - block_sums[rows, block][:, None] + jnp.cumsum(inside, axis=-1)
-    last = _CDF_BLOCK - 1 - fast_argmax((inside > 0)[:, ::-1].astype(jnp.int32))
+    picked = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), last_block)  # first block past target
+    inside = blocks[rows, picked]  # [B, block]
+    cdf = block_cdf[rows, picked][:, None] - block_sums[rows, picked][:, None] + jnp.cumsum(inside, axis=-1)
+    last = block - 1 - fast_argmax((inside > 0)[:, ::-1].astype(jnp.int32))
     offset = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), last)
-    return (block * _CDF_BLOCK + offset).astype(jnp.int32)
+    return (picked * block + offset).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> SamplerOutput:
-    """Picks one token per row of float32 logits [B, V]; returns ids and log-probabilities."""
+def sample(logits: jax.Array, s: SamplingArrays, *, top_k: TopK = jax.lax.top_k, vocab_parts: int = 1) -> SamplerOutput:
+    """Picks one token per row of float32 logits [B, V]; returns ids and log-probabilities.
+
+    top_k computes every top-k here (lax.top_k, or a vocabulary-parallel equivalent);
+    vocab_parts is how many equal parts the vocabulary is split into over devices (1: none).
+    """
     raw = logits
     needs_penalty = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0) | (s.repetition_penalty != 1))
     logits = jax.lax.cond(needs_penalty, _apply_penalties, lambda x, _: x, logits, s)
@@ -181,10 +209,10 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SamplerOutput:
     def draw(logits):
         scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
         needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))
-        scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
+        scaled = jax.lax.cond(needs_filter, lambda x, s: _filter(x, s, top_k), lambda x, _: x, scaled, s)
         keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seeds, s.sample_index)
         u = jax.vmap(jax.random.uniform)(keys)  # [B] in [0, 1)
-        return jnp.where(s.temperature == 0, greedy, _inverse_cdf_draw(scaled, u))
+        return jnp.where(s.temperature == 0, greedy, _inverse_cdf_draw(scaled, u, cdf_block_size(logits.shape[1], vocab_parts)))
 
     # An all-greedy batch skips the random draw entirely.
     token_ids = jax.lax.cond(jnp.all(s.temperature == 0), lambda x: greedy, draw, logits)
@@ -192,7 +220,7 @@ def sample(logits: jax.Array, s: SamplingArrays) -> SamplerOutput:
     def with_logprobs(raw):
         log_norm = jax.nn.logsumexp(raw, axis=-1)
         chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_norm
-        values, ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+        values, ids = top_k(raw, MAX_LOGPROBS)
         return chosen, values - log_norm[:, None], ids.astype(jnp.int32)
 
     def without(raw):

@@ -10,6 +10,7 @@ sm_90, which catches what only Triton's own passes reject (dot shapes, layouts, 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import jax
@@ -134,3 +135,73 @@ def test_triton_compiles_for_sm90(fn, make_args, dtype, head_dim, tmp_path, monk
         if dtype != jnp.float32:  # f32 dots run in IEEE precision on the FMA units
             assert "mma" in ptx, "16-bit dots should use tensor-core MMA"
         assert kernel.metadata.shared <= 227 * 1024, "over the H100's shared memory per block"
+
+
+# -- the whole tensor-parallel step for 8 H100s ---------------------------------------------------
+
+def _blocks(text: str, opener: str) -> list[tuple[str, str]]:
+    """(opening line, body) of every region whose first line contains `opener`, found by
+    indentation: the MLIR printer closes a region at its opening line's indent."""
+    lines, found, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if opener in lines[i]:
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            j = i + 1
+            while not (lines[j].startswith(" " * indent + "}") and lines[j][indent] == "}"):
+                j += 1
+            found.append((lines[i], "\n".join(lines[i + 1 : j])))
+            i = j
+        i += 1
+    return found
+
+
+def test_tensor_parallel_step_lowers_for_8_h100s():
+    """The runner's forward step over a "tp" mesh of 8 abstract H100s: Llama-3-8B's shapes, all
+    32 layers, bfloat16, the Pallas attention (~2 s to lower on a CPU).
+
+    What a lowering shows: the Triton kernel runs inside shard_map (sdy.manual_computation)
+    on one device's heads, every weight enters with the sharding table's split, and the
+    program asks for no collective and no resharding itself. What it cannot show: the
+    all-reduces after o_proj / down_proj are inserted by XLA's SPMD partitioner when the
+    program is compiled, and compiling for CUDA needs a CUDA PJRT client (jax's deviceless GPU
+    compilation still wants the CUDA plugin: jax-ml/jax#23971, #28376). Those collectives are
+    counted on the same step compiled for 8 host devices (tests/parallel/test_step_hlo.py).
+    """
+    from jax.sharding import AxisType
+
+    from tests.parallel.step_program import llama3_8b, sharded_step, weight_shardings
+
+    config, tp = llama3_8b(), 8
+    device = jax.sharding.AbstractDevice(**H100)
+    mesh = jax.sharding.AbstractMesh((tp,), ("tp",), axis_types=(AxisType.Auto,), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        step, args = sharded_step(config, mesh, dtype=jnp.bfloat16, backend="pallas", tokens=64, seqs=8)
+        text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert 'sdy.mesh @mesh = <["tp"=8]>' in text
+    # The Triton call lives in one outlined function, called once per layer, only from inside
+    # the per-shard computations, on one device's 32 / 8 query heads and 8 / 8 KV heads.
+    kernel_funcs = [head for head, body in _blocks(text, "func.func ") if pltriton.CUSTOM_CALL_TARGET_NAME in body]
+    assert len(kernel_funcs) == 1
+    name = kernel_funcs[0].split("@", 1)[1].split("(", 1)[0]
+    operand_types = re.findall(r"%arg\d+: (tensor<[^>]*>)", kernel_funcs[0])
+    assert operand_types[:3] == ["tensor<64x4x128xbf16>", "tensor<1024x16x1x128xbf16>", "tensor<1024x16x1x128xbf16>"]
+    manual = _blocks(text, "sdy.manual_computation(")
+    assert len(manual) == config.num_layers
+    assert all(body.count(f"call @{name}(") == 1 for _, body in manual)
+    assert text.count(f"call @{name}(") == config.num_layers, "called from outside shard_map"
+    # The program itself gathers nothing and moves no weight: no explicit collective, no
+    # resharding, and every weight argument carries the table's sharding.
+    for op in ("all_gather", "all_reduce", "all_to_all", "reduce_scatter", "collective_permute"):
+        assert f"stablehlo.{op}" not in text and f"sdy.{op}" not in text
+    assert "sdy.reshard" not in text and "sdy.sharding_constraint" not in text
+    main = text[text.index("func.func public @main(") :].split("\n", 1)[0]
+    arg_shardings = re.findall(r"%arg\d+: tensor<[^>]*> \{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]>", main)
+    state_names = [".".join(str(getattr(k, "key", k)) for k in path[:-1])
+                   for path, _ in jax.tree_util.tree_flatten_with_path(args[0])[0]]
+    table = weight_shardings(config, tp)
+    assert sorted(state_names) == sorted(table)
+    for name, dims in zip(state_names, arg_shardings):
+        spec = tuple(table[name]) + (None,) * (dims.count("{") - len(table[name]))
+        assert dims == ", ".join('{"tp"}' if axis == "tp" else "{}" for axis in spec), name
