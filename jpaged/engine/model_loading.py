@@ -115,12 +115,20 @@ def resolve_model_folder(config: EngineConfig) -> Path:
     return config_file.parent
 
 
+def model_config_file(config: EngineConfig, folder: Path) -> Path:
+    """The model's config.json, or with load_format="dummy" the .json file that model= names
+    (benchmarks/configs/llama-3-8b.json: a shape need not be called config.json)."""
+    if config.load_format == "dummy" and Path(config.model).suffix == ".json":
+        return Path(config.model)
+    return folder / "config.json"
+
+
 def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
     """The weights on the device and the tokenizer. The tokenizer loads on another thread
     meanwhile: importing transformers is ~1.5 s of Python, the weights' reads and transfer
     mostly wait on TensorStore and XLA without the GIL."""
     dtype = runtime_dtype(config.dtype)
-    model_config = ModelConfig.from_file(folder / "config.json")
+    model_config = ModelConfig.from_file(model_config_file(config, folder))
     with ThreadPoolExecutor(1, thread_name_prefix="jpaged-tokenizer") as pool:
         tokenizer = pool.submit(_load_tokenizer, folder)
         if config.load_format == "dummy":
