@@ -13,8 +13,8 @@ handled (and timed) once its line is complete. A chunk counts as a token when it
 non-empty: a server may hold back text (an incomplete UTF-8 character) or send a role-only
 first chat delta, and neither has produced anything a user would see. A model without a
 tokenizer (random weights of a shape, `--dummy-config`) streams no text at all: when a stream
-has none, its last chunks with an unfinished choice, as many as usage's completion_tokens at
-most, count as the tokens instead.
+has none, its last chunks with a choice, as many as usage's completion_tokens at most, count as
+the tokens instead (a server that is ahead of its client merges tokens into fewer chunks).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
     out = RequestOutput(num_prompt_tokens=num_prompt_tokens)
     num_chunks, usage, is_done = 0, None, False
     start = last = time.perf_counter()
-    textless: list[float] = []  # arrival times of unfinished choice chunks, for a stream without text
+    textless: list[float] = []  # arrival times of chunks with a choice, for a stream without text
     try:
         async with session.post(url, json=payload) as response:
             if response.status != 200:
@@ -116,7 +116,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
                     return out
                 usage = chunk.get("usage") or usage
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("finish_reason") is None:
+                if choices:  # the last one may carry the final tokens with finish_reason
                     textless.append(time.perf_counter())
                 if _chunk_text(chunk):
                     now = time.perf_counter()

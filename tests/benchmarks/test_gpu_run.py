@@ -21,9 +21,17 @@ FILES = {"env.json", "kernel_tests.json", "kernel_bench.json", "model.json", "th
          "sweep.png"}
 OWN = {"jpaged", "pallas_kernels", "benchmarks", "convert", "serve", "tests", "conftest", "kernel_cases",
        "sitecustomize", "__main__", "__mp_main__"}
-# Imported where installed and skipped where not (try/except ImportError in the importer): a
-# dry run here may load them, the image lacking them costs nothing.
-OPTIONAL = {"openai"}
+# Imported here but not needed on the image: optional imports (the importer checks they are
+# installed) and the dependencies of newer versions than the image's of packages it holds.
+OPTIONAL = {
+    "openai": "optional wherever it is imported",
+    "kernels": "transformers' hub kernels, used when installed",
+    "httpx2": "huggingface_hub 2.x here; the image's 1.33 uses httpx",
+    "httpcore2": "httpx2's",
+    "truststore": "httpx2's",
+    "sniffio": "httpx2's (the image's anyio needs none)",
+    "cython_runtime": "made by Cython extensions at import, no distribution",
+}
 
 RECORDER = '''
 import atexit, os, sys
@@ -102,7 +110,7 @@ def test_gpu_steps_import_only_what_the_image_holds(dry_run):
     assert len(list(imports.iterdir())) >= 8, "the recorder missed the steps' processes"
     assert {"jax", "torch", "transformers", "aiohttp", "pydantic"} <= modules
     missing = {}
-    for module in modules - OWN - OPTIONAL - set(sys.stdlib_module_names) - set(sys.builtin_module_names):
+    for module in modules - OWN - set(OPTIONAL) - set(sys.stdlib_module_names) - set(sys.builtin_module_names):
         names = dists.get(module)
         if names is None:
             if module.startswith("_") or module.startswith("test_"):  # private parts of the above, test modules
