@@ -12,7 +12,13 @@ block_until_ready, divided by `--repeat`.
 
     python -m benchmarks.kernel_bench --out benchmarks/results/kernels_h100.json     # on a GPU
     python -m benchmarks.kernel_bench --sweep --out benchmarks/results/kernels_h100.json  # + tuning knobs
+    python -m benchmarks.kernel_bench --points gpu-run --out kernels.json          # a handful (gpu_run.py)
     python -m benchmarks.kernel_bench --quick --out /tmp/kernels_cpu.json             # CPU smoke test
+
+Two XLA paths sit beside the kernels: `xla_model` is the model's own XLA attention
+(jpaged/models/xla_attention.py, what `attn_backend="xla"` runs, at any size), `xla_reference`
+the plain-jnp reference (gathers whole tables; skipped past `ref_max_tokens`). The JSON is
+rewritten after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.models.xla_attention import ragged_paged_attention_xla
 from pallas_kernels import paged_decode_attention, ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.decode import paged_decode_attention_pallas
 from pallas_kernels.ragged import ragged_paged_attention_pallas
@@ -57,6 +64,11 @@ FULL = dict(
                   for b in (32, 64, 128) for s in (None, 1) for st in (2, 3)],
     sweep_ragged=[dict(rows_per_tile=r, block_kv=b, num_warps=w)
                   for r in (32, 64, 128) for b in (32, 64) for w in (4, 8)],
+)
+# gpu_run.py's step: a handful of decode points (batch 1-256, context 512-8192) and one prefill.
+GPU_RUN = FULL | dict(
+    decode=[(1, 512), (1, 8192), (16, 2048), (64, 4096), (256, 512), (256, 8192)],
+    prefill=[(4, 512, 2048)],
 )
 QUICK = dict(
     shapes=Shapes(num_heads=8, num_kv_heads=2, head_dim=64),
@@ -151,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON results path")
     parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU smoke test)")
+    parser.add_argument("--points", choices=["full", "gpu-run"], default="full",
+                        help="which Llama-3-8B points (ignored with --quick): every one, or gpu_run.py's handful")
     parser.add_argument("--repeat", type=int, default=None, help="calls per timed loop")
     parser.add_argument("--samples", type=int, default=None, help="timed loops per measurement (median)")
     parser.add_argument("--sweep", action="store_true", help="also time the kernels' tuning knobs")
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
     on_gpu = jax.default_backend() == "gpu"
     interpret = args.quick or not on_gpu
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else GPU_RUN if args.points == "gpu-run" else FULL
     repeat = args.repeat or (2 if args.quick else 20)
     samples = args.samples or (2 if args.quick else 15)
     shapes: Shapes = plan["shapes"]
@@ -173,10 +187,31 @@ def main(argv: list[str] | None = None) -> None:
         "pallas_decode": lambda q, k, v, bt, kv, cu: paged_decode_attention(
             q, k, v, bt, kv, scale=scale, interpret=interpret),
         "pallas_ragged": functools.partial(ragged_paged_attention, scale=scale, interpret=interpret),
+        "xla_model": functools.partial(ragged_paged_attention_xla, scale=scale),
         "xla_reference": functools.partial(ragged_paged_attention_reference, scale=scale),
     }
+    rows, sweep_rows = [], []
+    result = dict(
+        device=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
+        interpret=interpret,
+        quick=args.quick,
+        shapes=dataclasses.asdict(shapes),
+        repeat=repeat,
+        samples=samples,
+        copy_bandwidth_gbps=copy_bw / 1e9,
+        rows=rows,
+        sweep=sweep_rows,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every row: a run cut short keeps what it measured
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     cases = [("decode", b, 1, c) for b, c in plan["decode"]] + [("prefill", s, q, c) for s, q, c in plan["prefill"]]
-    rows = []
     header = (f"{'kind':8s} {'seqs':>5s} {'q_len':>6s} {'ctx':>6s} {'impl':14s} {'us/call':>10s} "
               f"{'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s}")
     print(header)
@@ -201,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
                 tflops=flops / seconds / 1e12,
             )
             rows.append(row)
+            write()
             print(f"{kind:8s} {num_seqs:5d} {q_len:6d} {ctx:6d} {name:14s} {row['us_per_call']:10.1f} "
                   f"{row['gbps']:8.1f} {100 * row['frac_of_copy']:5.1f}% {row['tflops']:8.2f}")
 
-    sweep_rows = []
     if args.sweep:
         print("\nsweep: tuning knobs (us per call)")
         for kind, num_seqs, q_len, ctx in plan["sweep_cases"]:
@@ -225,26 +260,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  {kind} {num_seqs}x{q_len}@{ctx} {which} {knobs}: failed {type(e).__name__}"[:200])
                 sweep_rows.append(dict(kind=kind, num_seqs=num_seqs, q_len=q_len, context=ctx, kernel=which,
                                        knobs=knobs, us_per_call=us))
+                write()
                 if us is not None:
                     print(f"  {kind} {num_seqs}x{q_len}@{ctx} {which:6s} {knobs}: {us:.1f}")
 
-    result = dict(
-        device=jax.devices()[0].device_kind,
-        backend=jax.default_backend(),
-        jax_version=jax.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        interpret=interpret,
-        quick=args.quick,
-        shapes=dataclasses.asdict(shapes),
-        repeat=repeat,
-        samples=samples,
-        copy_bandwidth_gbps=copy_bw / 1e9,
-        rows=rows,
-        sweep=sweep_rows,
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(f"wrote {args.out}")
 
 

@@ -51,6 +51,21 @@ def _device_bytes(x) -> int:
     return x.addressable_shards[0].data.nbytes
 
 
+def measure_matmul_rate(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 10) -> float:
+    """FLOP/s of an [n, n] @ [n, n] product in dtype (2 n^3 flops), the best of repeats: the
+    roofline's other ceiling, beside measure_bandwidth's."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    step = jax.jit(lambda a, b: a @ b)
+    step(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def weight_bytes(runner) -> int:
     """Parameter bytes a decode step reads on each device: all of them, except an embedding
     table that is only gathered from (when a separate lm_head, packed copy or untied, does the projection)."""

@@ -11,7 +11,10 @@ The server answers with server-sent events, one JSON chunk per `data:` line and 
 Lines are read with `response.content`'s line iterator, so an event split across TCP reads is
 handled (and timed) once its line is complete. A chunk counts as a token when its text is
 non-empty: a server may hold back text (an incomplete UTF-8 character) or send a role-only
-first chat delta, and neither has produced anything a user would see.
+first chat delta, and neither has produced anything a user would see. A model without a
+tokenizer (random weights of a shape, `--dummy-config`) streams no text at all: when a stream
+has none, its last chunks with a choice, as many as usage's completion_tokens at most, count as
+the tokens instead (a server that is ahead of its client merges tokens into fewer chunks).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
     out = RequestOutput(num_prompt_tokens=num_prompt_tokens)
     num_chunks, usage, is_done = 0, None, False
     start = last = time.perf_counter()
+    textless: list[float] = []  # arrival times of chunks with a choice, for a stream without text
     try:
         async with session.post(url, json=payload) as response:
             if response.status != 200:
@@ -111,6 +115,9 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
                     out.error = one_line(f"stream error: {message}")
                     return out
                 usage = chunk.get("usage") or usage
+                choices = chunk.get("choices") or []
+                if choices:  # the last one may carry the final tokens with finish_reason
+                    textless.append(time.perf_counter())
                 if _chunk_text(chunk):
                     now = time.perf_counter()
                     if num_chunks == 0:
@@ -126,6 +133,10 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
     if not is_done:
         out.error = "stream ended without data: [DONE]"
         return out
+    if num_chunks == 0 and textless and usage and usage.get("completion_tokens"):
+        textless = textless[-usage["completion_tokens"]:]  # past a leading empty (role) chunk
+        num_chunks, out.ttft = len(textless), textless[0] - start
+        out.itls = [b - a for a, b in zip(textless, textless[1:])]
     if num_chunks == 0:
         out.error = "no tokens in the stream"
         return out

@@ -9,6 +9,10 @@ Concurrency 1, 4, 8, 16, 32 with 512 prompt and 128 output tokens (fixed lengths
             batcher): each batch starts when the previous one ends; TTFT is a request's batch start
             to its first token. No HTTP in the way, which favors HF.
 
+The JSON and the chart are rewritten after each jpaged level and once HF is done, so a run cut
+short keeps what it finished. `--hf-mode static` runs HF with its dynamic cache instead
+(on CUDA, transformers compiles the static-cache forward on first use, once per batch shape).
+
 Memory is each process's peak: host RSS on CPU, CUDA memory on a GPU (for jpaged, the process's
 GPU memory as nvidia-smi reports it, which includes the KV pool it preallocates). Writes JSON and
 a PNG chart (bars: requests/s; line: peak memory; second panel: mean TTFT):
@@ -68,7 +72,8 @@ def jpaged_server(args, log_path: pathlib.Path):
     """Starts `jpaged serve` on a free loopback port; yields (base_url, pid); stops it at the end."""
     port = _free_port()
     cmd = [sys.executable, "-m", "jpaged", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(args.input_len + args.output_len), "--max-num-seqs", str(max(args.concurrency)),
+           "--max-model-len", str(args.input_len + args.output_len),
+           "--max-num-seqs", str(args.max_num_seqs or max(args.concurrency)),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--dtype", args.dtype]
     if args.dummy_config:
         cmd += ["--model", str(dummy_config_path(args.dummy_config)), "--load-format", "dummy"]
@@ -103,7 +108,8 @@ def level_seed(seed: int, concurrency: int) -> int:
     return seed + 1000 * concurrency
 
 
-def sweep_jpaged(args, vocab_size: int, log_path: pathlib.Path) -> list[dict]:
+def sweep_jpaged(args, vocab_size: int, log_path: pathlib.Path, on_row=None) -> list[dict]:
+    """One server, every level in turn; on_row(row) after each level."""
     from benchmarks.serve_bench import ServeBenchConfig, run_benchmark
 
     rows = []
@@ -120,6 +126,8 @@ def sweep_jpaged(args, vocab_size: int, log_path: pathlib.Path) -> list[dict]:
                              p99_ttft_ms=m["p99_ttft_ms"], mean_tpot_ms=m["mean_tpot_ms"],
                              peak_memory_mib=_process_peak_mib(pid)))
             print(_line(rows[-1]), flush=True)
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
@@ -134,14 +142,15 @@ def sweep_hf(args, vocab_size: int) -> list[dict]:
     model = (dummy_hf_model(dummy_config_path(args.dummy_config), dtype) if args.dummy_config
              else load_hf_model(args.model or default_gguf(), dtype))
     warm = make_workload("fixed", num_prompts=1, input_len=16, output_len=2, vocab_size=vocab_size)
-    static_batches_with_ttft(model, warm.prompts, warm.output_lens, 1)
+    static_batches_with_ttft(model, warm.prompts, warm.output_lens, 1, static_cache=args.hf_mode == "static-cache")
     rows = []
     for c in sorted(args.concurrency):
         work = make_workload("fixed", num_prompts=_requests_for(c), input_len=args.input_len, output_len=args.output_len,
                              seed=level_seed(args.seed, c), vocab_size=vocab_size)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        res = static_batches_with_ttft(model, work.prompts, work.output_lens, c)
+        res = static_batches_with_ttft(model, work.prompts, work.output_lens, c,
+                                       static_cache=args.hf_mode == "static-cache")
         memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_host_mib()
         ttfts = sorted(res["ttfts"])
         rows.append(dict(system="hf", concurrency=c, num_requests=len(work.prompts), failed=0, seconds=res["seconds"],
@@ -218,6 +227,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     p.add_argument("--systems", nargs="+", default=["jpaged", "hf"], choices=["jpaged", "hf"])
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="the server's (default: the highest concurrency)")
+    p.add_argument("--hf-mode", default="static-cache", choices=["static", "static-cache"],
+                   help="HF's cache: preallocated (static-cache) or dynamic (static)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--out-dir", default="benchmarks/results")
@@ -238,18 +250,26 @@ def main(argv: list[str] | None = None) -> int:
                                 dtype=resolved_dtype(args.dtype), input_len=args.input_len, output_len=args.output_len)
     stem = args.name or f"{meta['date']}-{'gpu' if 'CPU' not in meta['device'] else 'cpu'}-sweep"
     rows = []
+
+    def write() -> None:  # after each level and system: a run cut short keeps what it finished
+        (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        plot(rows, f"jpaged vs HF transformers: {meta['model']}, {meta['dtype']}\n{meta['device']}",
+             f"concurrency ({args.input_len} in / {args.output_len} out tokens)", out_dir / f"{stem}.png")
+
     if "jpaged" in args.systems:
-        rows += sweep_jpaged(args, vocab_size, pathlib.Path(tempfile.gettempdir()) / f"{stem}-server.log")
+        def add(row: dict) -> None:
+            rows.append(row)
+            write()
+
+        sweep_jpaged(args, vocab_size, pathlib.Path(tempfile.gettempdir()) / f"{stem}-server.log", on_row=add)
     if "hf" in args.systems:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             child = argv if argv is not None else sys.argv[1:]
             subprocess.run([sys.executable, "-m", "benchmarks.sweep", *child, "--hf-child", f.name], check=True,
                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
             rows += json.loads(pathlib.Path(f.name).read_text())
+        write()
     print("\n" + table(rows))
-    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    plot(rows, f"jpaged vs HF transformers: {meta['model']}, {meta['dtype']}\n{meta['device']}",
-         f"concurrency ({args.input_len} in / {args.output_len} out tokens)", out_dir / f"{stem}.png")
     print(f"wrote {out_dir / (stem + '.json')} and {stem}.png")
     return 0
 

@@ -69,9 +69,10 @@ def device_info() -> dict:
     dev = jax.devices()[0]
     device = (dev.device_kind if dev.platform == "gpu"
               else f"CPU ({os.cpu_count()} cores, {platform.machine()}, {cpu_model()})")
+    commit = os.environ.get("JPAGED_GIT_COMMIT", "")  # a copied tree without .git (gpu_run.py --commit)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=pathlib.Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
     return dict(date=datetime.date.today().isoformat(), device=device, jax=jax.__version__, commit=commit)

@@ -91,6 +91,16 @@ def test_dummy_weights_from_config_alone(tiny_models):
     assert len(out.outputs[0].token_ids) == 7 and all(0 <= t < 160 for t in out.outputs[0].token_ids)
 
 
+def test_dummy_weights_from_a_shape_file_of_any_name(tiny_models, tmp_path):
+    """`--dummy-config llama-3-8b` passes benchmarks/configs/llama-3-8b.json: not a config.json."""
+    _, hf_folder, _ = tiny_models["llama"]
+    shape = tmp_path / "some-shape.json"
+    shape.write_text((hf_folder / "config.json").read_text())
+    llm = LLM(str(shape), load_format="dummy", max_model_len=32)
+    out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert llm.engine.model_config.vocab_size == 160 and len(out.outputs[0].token_ids) == 3
+
+
 @pytest.mark.default_model
 def test_default_model_prompt_forms_and_stop(default_llm):
     tok = default_llm.get_tokenizer()

@@ -22,7 +22,7 @@ from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
-    resolve_model_folder, runtime_dtype,
+    model_config_file, resolve_model_folder, runtime_dtype,
 )
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
@@ -140,7 +140,7 @@ class LLMEngine:
         once the weights show what memory is left."""
         if kv_size_needs_weights(config) or config.tensor_parallel_size > 1:  # a mesh's pools: the runner's
             return None
-        model_config = ModelConfig.from_file(folder / "config.json")
+        model_config = ModelConfig.from_file(model_config_file(config, folder))
         dtype = runtime_dtype(config.dtype)
         spec = bucket_spec(config, model_config, max_model_len(config, model_config), dtype)  # fails fast
         shape = (model_config.num_layers, spec.num_pages, spec.page_size, model_config.num_kv_heads,

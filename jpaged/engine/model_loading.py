@@ -126,6 +126,14 @@ def resolve_model_folder(config: EngineConfig) -> Path:
     return config_file.parent
 
 
+def model_config_file(config: EngineConfig, folder: Path) -> Path:
+    """The model's config.json, or with load_format="dummy" the .json file that model= names
+    (benchmarks/configs/llama-3-8b.json: a shape need not be called config.json)."""
+    if config.load_format == "dummy" and Path(config.model).suffix == ".json":
+        return Path(config.model)
+    return folder / "config.json"
+
+
 def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
     """The weights on the device and the tokenizer, which loads on another thread meanwhile
     (importing transformers is ~1.5 s of Python; the weights' reads and transfer mostly wait on
@@ -134,7 +142,7 @@ def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
     host first when there are fewer than devices. A head count that cannot split fails before
     any read."""
     dtype = runtime_dtype(config.dtype)
-    model_config = ModelConfig.from_file(folder / "config.json")
+    model_config = ModelConfig.from_file(model_config_file(config, folder))
     tp = config.tensor_parallel_size
     mesh, run_config, shardings, repeat = None, model_config, None, None
     if tp > 1:

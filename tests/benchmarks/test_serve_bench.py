@@ -30,7 +30,8 @@ MODEL = "fake-model"
 class FakeServer:
     """Streams max_tokens one-token chunks (an empty chunk and a comment first, usage last), on a thread.
 
-    mode: ok | no-usage (no usage chunk) | pairs (two tokens a chunk) | split (events split across writes) |
+    mode: ok | no-usage (no usage chunk) | no-text (token chunks without text, as a model without a
+    tokenizer streams) | pairs (two tokens a chunk) | split (events split across writes) |
     fail (every 3rd request: HTTP 400) | fail-all | drop (every 2nd request: connection closed after 2 tokens) |
     no-done (the stream ends cleanly without `data: [DONE]`).
     Usage reports one prompt token more than sent, as a server adding BOS would.
@@ -107,7 +108,7 @@ class FakeServer:
                 if self.mode == "drop" and number % 2 == 0 and i == 2:
                     request.transport.close()  # mid-stream, before [DONE]
                     return resp
-                await self._event(resp, {"choices": [choice("ab"[: min(per_chunk, n - i)])]})
+                await self._event(resp, {"choices": [choice("" if self.mode == "no-text" else "ab"[: min(per_chunk, n - i)])]})
             if self.mode != "no-usage":
                 num_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
                 await self._event(resp, {"choices": [], "usage": {"prompt_tokens": num_prompt + 1,
@@ -184,6 +185,15 @@ def test_usage_count_preferred_and_chunks_counted_without_it(serve):
     assert no_usage["metrics"]["total_output_tokens"] == 4 * 5
     assert no_usage["metrics"]["total_input_tokens"] == 4 * 8  # the drawn prompt lengths
     assert [r["num_itls"] for r in no_usage["requests"]] == [4] * 4
+
+
+def test_streams_without_text_time_their_chunks(serve):
+    """Random weights without a tokenizer stream empty text: the token chunks are timed all the same."""
+    result = _run(_config(serve("no-text"), num_prompts=2))
+    assert result["metrics"]["completed"] == 2 and result["metrics"]["total_output_tokens"] == 10
+    for r in result["requests"]:
+        assert FIRST_DELAY <= r["ttft_ms"] / 1000 <= FIRST_DELAY + SLACK + ITL_DELAY
+        assert r["num_itls"] >= 4
 
 
 def test_events_split_across_reads(serve):

@@ -10,6 +10,7 @@ that reads a position it must not use shows NaN in its output.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,18 @@ INTERPRET_MODES = [
     pytest.param(True, id="interpret"),
     pytest.param(False, id="gpu", marks=pytest.mark.skipif(not ON_GPU, reason="needs a GPU backend")),
 ]
+
+
+H100 = dict(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """StableHLO text of jit(fn) lowered for CUDA on this (maybe CPU-only) machine: an abstract H100."""
+    device = jax.sharding.AbstractDevice(**H100)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton backend is deprecated"
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @dataclasses.dataclass

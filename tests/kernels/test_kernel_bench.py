@@ -13,6 +13,6 @@ def test_kernel_bench_quick(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {"device", "jax_version", "date", "git_commit", "copy_bandwidth_gbps"} <= result.keys()
     impls = {row["impl"] for row in result["rows"]}
-    assert impls == {"pallas_decode", "pallas_ragged", "xla_reference"}
+    assert impls == {"pallas_decode", "pallas_ragged", "xla_model", "xla_reference"}
     assert all(row["us_per_call"] > 0 for row in result["rows"])
     assert "pallas_decode" in capsys.readouterr().out  # the table

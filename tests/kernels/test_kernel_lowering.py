@@ -19,20 +19,7 @@ import pytest
 from jax.experimental.pallas import triton as pltriton
 
 import pallas_kernels
-
-H100 = dict(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-
-
-def _abstract_h100_mesh():
-    device = jax.sharding.AbstractDevice(**H100)
-    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-
-
-def lower_for_cuda(fn, *args) -> str:
-    """StableHLO text of jit(fn) lowered for CUDA on this (CPU) machine."""
-    with jax.sharding.use_abstract_mesh(_abstract_h100_mesh()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton backend is deprecated" (0.12)
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+from kernel_cases import H100, lower_for_cuda
 
 
 def decode_args(dtype, head_dim, *, batch=4, num_heads=32, num_kv_heads=8, page_size=16, num_pages=256, max_pages=16):
