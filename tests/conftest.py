@@ -89,9 +89,15 @@ def default_model_gguf() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def jpaged_home(tmp_path_factory):
-    """Every test session converts into its own cache folder, never the user's."""
-    home = tmp_path_factory.mktemp("jpaged_home")
+def jpaged_home(tmp_path_factory, worker_id):
+    """Every test session converts into its own cache folder, never the user's. pytest-xdist's
+    workers share one (beside their own temp folders), so the default model is converted and each
+    program compiled once per run: every write there is a temp file or folder renamed into place."""
+    if worker_id == "master":
+        home = tmp_path_factory.mktemp("jpaged_home")
+    else:
+        home = tmp_path_factory.getbasetemp().parent / "jpaged_home"
+        home.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JPAGED_HOME", str(home))
         yield home

@@ -22,7 +22,7 @@ from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
-    model_config_file, resolve_model_folder, runtime_dtype,
+    model_config_file, resolve_model_folder, runtime_dtype, sampler_store,
 )
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
@@ -94,6 +94,7 @@ class LLMEngine:
                 self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype, mesh=loaded.mesh,
                                           kv_caches=kv_pools and kv_pools[1].result())
             self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
+            self.runner.sampler_store = sampler_store(loaded, self.runner)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
             max_num_batched_tokens=spec.token_buckets[-1],

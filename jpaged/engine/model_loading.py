@@ -60,6 +60,29 @@ class StartupClock:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
+def _mesh_key(loaded: LoadedModel) -> dict:
+    # Shardings name the mesh's shape, not its devices; a one-device program keeps its old key.
+    if loaded.mesh is None:
+        return {}
+    return {"mesh": f"{dict(loaded.mesh.shape)} over devices {loaded.mesh.device_ids.ravel().tolist()}"}
+
+
+def _open_store(key: dict, runner) -> ExecutableStore | None:
+    try:
+        return ExecutableStore(jpaged_home() / "executables", key, devices=runner.devices)
+    except OSError as err:
+        logger.warning("executable cache disabled: %s", err)
+        return None
+
+
+def sampler_store(loaded: LoadedModel, runner) -> ExecutableStore | None:
+    """The on-disk sampler executables: they depend on no model, only on the mesh (B, V and the
+    history length are in their names), so every model of one vocabulary shares them."""
+    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0":
+        return None
+    return _open_store(program_key(program="sampler", **_mesh_key(loaded)), runner)
+
+
 def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec, runner, *,
                      backend: str, linear: str) -> ExecutableStore | None:
     """The on-disk executables of this exact program under $JPAGED_HOME/executables, or None
@@ -70,16 +93,9 @@ def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec
         model=json.dumps(dataclasses.asdict(loaded.config), sort_keys=True), dtype=loaded.dtype.name,
         buckets=repr(spec), attn_backend=backend, linear_backend=linear,
         kernel_library=cpu_build.library_name() if "cpu" in (backend, linear) else None,
-        params=tree_signature(runner.state), kv_pools=tree_signature(runner.kv_caches),
-        # Shardings name the mesh's shape, not its devices; a one-device program keeps its old key.
-        **({"mesh": f"{dict(loaded.mesh.shape)} over devices {loaded.mesh.device_ids.ravel().tolist()}"}
-           if loaded.mesh is not None else {}),
+        params=tree_signature(runner.state), kv_pools=tree_signature(runner.kv_caches), **_mesh_key(loaded),
     )
-    try:
-        return ExecutableStore(jpaged_home() / "executables", key, devices=runner.devices)
-    except OSError as err:
-        logger.warning("executable cache disabled: %s", err)
-        return None
+    return _open_store(key, runner)
 
 
 def runtime_dtype(name: str) -> jnp.dtype:

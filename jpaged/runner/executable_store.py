@@ -2,7 +2,7 @@
 
     $JPAGED_HOME/executables/<key>/key.json             what the key was made of (for `jpaged cache info`)
     $JPAGED_HOME/executables/<key>/forward-T64-B16-P128.jex
-    $JPAGED_HOME/executables/<key>/sample-B16.jex
+    $JPAGED_HOME/executables/<sampler key>/sample-B16-V49152-H2048.jex    (shared by models of one vocabulary)
 
 The key hashes everything that changes the program (see `program_key`), so an entry is only ever
 loaded into the program it was compiled for. Each file is MAGIC + sha256(payload) + payload,

@@ -68,6 +68,11 @@ def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batc
     return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
 
 
+# (sampler store folder, program name) -> executable: every runner of this process with the same
+# sampler key (vocabulary size, history length and B are in the name) uses one.
+_SHARED_SAMPLERS: dict[tuple, jax.stages.Compiled] = {}
+
+
 class ModelRunner:
     """Runs padded batches through compiled executables; the KV pools are donated and replaced each call."""
 
@@ -78,6 +83,9 @@ class ModelRunner:
         config = model.config
         self.spec = spec
         self.store = store
+        # The sampler's programs depend only on (B, V, history length, mesh): their own store,
+        # shared by every model of that vocabulary, and within a process by every runner.
+        self.sampler_store: ExecutableStore | None = None
         self.mesh = mesh
         # Where the programs run (the executable store deserializes onto exactly these).
         self.devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
@@ -143,28 +151,37 @@ class ModelRunner:
         return [
             (forward, "forward", lambda: (self._abstract_state, self._abstract_kv,
                                           _abstract(batch, self._replicated))),
-            (f"sample-B{rows}", "sample", lambda: (
+            (f"sample-B{rows}-V{self.vocab_size}-H{batch.sampling.history.shape[1]}", "sample", lambda: (
                 jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32, sharding=self._logits_sharding),
                 _abstract(batch.sampling, self._replicated))),
         ]
 
+    def _store(self, fn: str) -> ExecutableStore | None:
+        return self.sampler_store if fn == "sample" else self.store
+
     def _lower(self, name: str, fn: str, make_args: Callable[[], tuple]):
-        """The stored executable, or the lowered program still to compile."""
+        """An executable this process or the store has, or the lowered program still to compile."""
+        store = self._store(fn)
+        if fn == "sample" and store is not None and (compiled := _SHARED_SAMPLERS.get((store.folder, name))):
+            return compiled
         args = make_args()
-        if self.store is not None and (compiled := self.store.load(name, args)) is not None:
+        if store is not None and (compiled := store.load(name, args)) is not None:
             self._count("num_executables_loaded")
             return compiled
         return self._jitted[fn].lower(*args)
 
-    def _finish(self, name: str, lowered_or_compiled) -> jax.stages.Compiled:
+    def _finish(self, name: str, lowered_or_compiled, fn: str = "forward") -> jax.stages.Compiled:
         compiled = lowered_or_compiled
+        store = self._store(fn)
         if isinstance(lowered_or_compiled, jax.stages.Lowered):
             compiled = lowered_or_compiled.compile()
             self._count("num_compiles")
-            if self.store is not None:
-                self.store.save(name, compiled)
+            if store is not None:
+                store.save(name, compiled)
         with self._lock:
             self._executables[name] = compiled
+            if fn == "sample" and store is not None:
+                _SHARED_SAMPLERS[(store.folder, name)] = compiled
         return compiled
 
     def _executable(self, program: tuple[str, str, Callable[[], tuple]]) -> jax.stages.Compiled:
@@ -174,7 +191,7 @@ class ModelRunner:
             with self._fetch_lock:
                 compiled = self._executables.get(program[0])
                 if compiled is None:
-                    compiled = self._finish(program[0], self._lower(*program))
+                    compiled = self._finish(program[0], self._lower(*program), program[1])
         return compiled
 
     def _bucket_programs(self, shapes) -> dict[str, tuple]:
@@ -199,10 +216,11 @@ class ModelRunner:
         """
         start = time.perf_counter()
         todo = [p for name, p in self._bucket_programs(shapes).items() if name not in self._executables]
-        deferred = [p for p in todo if defer_loads and self.store is not None and self.store.has(p[0])]
+        deferred = [p for p in todo if defer_loads and self._store(p[1]) is not None and self._store(p[1]).has(p[0])
+                    and (self._store(p[1]).folder, p[0]) not in _SHARED_SAMPLERS]
         todo = [p for p in todo if p not in deferred]
         with ThreadPoolExecutor(workers or compile_workers(), thread_name_prefix="jpaged-compile") as pool:
-            futures = [pool.submit(self._finish, program[0], self._lower(*program)) for program in todo]
+            futures = [pool.submit(self._finish, program[0], self._lower(*program), program[1]) for program in todo]
             for future in futures:
                 future.result()
         self.num_deferred_loads += len(deferred)

@@ -33,8 +33,7 @@ _COLLECTIVE = re.compile(r"= \S+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 def run_job(function: str, args: dict, *, num_devices: int, tmp_path: Path, timeout: int = 900):
     """Runs FUNCTION(**args) of this module in a child with `num_devices` host devices; returns its result."""
     out = tmp_path / f"{function}-{os.getpid()}-{len(list(tmp_path.iterdir()))}.pkl"
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
-           "JPAGED_COMPILATION_CACHE": "0"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
     done = subprocess.run(
         [sys.executable, "-m", "tests.parallel.tp_job", function, json.dumps(args), str(out)],
         env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=timeout,
@@ -117,6 +116,14 @@ def tiny(model: str, tps: list[int], attn_backend: str = "auto") -> dict:
         r["logits"] = runner.logits(dataclasses.replace(batch, logits_indices=np.arange(n, dtype=np.int32)))
         results[tp] = r
     return results
+
+
+def tiny_all(models: dict[str, str], tps: list[int], xla_attention: list[str] = ()) -> dict:
+    """tiny() of every model in one child, {name: {N: report}}: one interpreter for all, and
+    the sampler executables (which depend on no model) compiled once per N. The models named in
+    xla_attention run the XLA attention path under shard_map, the others the C++ kernel."""
+    return {name: tiny(model, tps, attn_backend="xla" if name in xla_attention else "auto")
+            for name, model in models.items()}
 
 
 def _leaves(state):
