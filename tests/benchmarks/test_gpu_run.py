@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from benchmarks import gpu_model_check, gpu_run
-from benchmarks.gpu_steps import WHEELS
+from benchmarks.gpu_steps import THROUGHPUT, WHEELS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FILES = {"env.json", "kernel_tests.json", "kernel_bench.json", "model.json", "throughput.json", "sweep.json", "run.log",
@@ -80,8 +80,9 @@ def test_dry_run_writes_every_promised_file(dry_run):
     model = steps["model.json"]
     assert model["ok"] and len(model["checks"]) == 3 and len(model["runs"]) == 2  # float32 only in the dry run
     tput = steps["throughput.json"]
-    assert [r["label"] for r in tput["runs"]] == ["jpaged", "hf static", "hf static-cache"]
-    assert tput["speedup"] > 0 and tput["roofline_fraction"] > 0 and tput["hf_best"] in ("static", "static-cache")
+    modes = THROUGHPUT["dry"]["hf_modes"]
+    assert [r["label"] for r in tput["runs"]] == ["jpaged"] + [f"hf {m}" for m in modes]
+    assert tput["speedup"] > 0 and tput["roofline_fraction"] > 0 and tput["hf_best"] in modes
     sweep = steps["sweep.json"]
     assert {(r["system"], r["concurrency"]) for r in sweep["rows"]} == {(s, c) for s in ("jpaged", "hf") for c in (1, 2)}
     assert sweep["hf_mode"] == tput["hf_best"]
