@@ -159,6 +159,11 @@ class ModelRunner:
     def _store(self, fn: str) -> ExecutableStore | None:
         return self.sampler_store if fn == "sample" else self.store
 
+    def _is_stored(self, program) -> bool:
+        """Whether the store holds an intact entry of `program` that this process does not share already."""
+        store = self._store(program[1])
+        return store is not None and (store.folder, program[0]) not in _SHARED_SAMPLERS and store.has(program[0])
+
     def _lower(self, name: str, fn: str, make_args: Callable[[], tuple]):
         """An executable this process or the store has, or the lowered program still to compile."""
         store = self._store(fn)
@@ -170,7 +175,7 @@ class ModelRunner:
             return compiled
         return self._jitted[fn].lower(*args)
 
-    def _finish(self, name: str, lowered_or_compiled, fn: str = "forward") -> jax.stages.Compiled:
+    def _finish(self, name: str, lowered_or_compiled, fn: str) -> jax.stages.Compiled:
         compiled = lowered_or_compiled
         store = self._store(fn)
         if isinstance(lowered_or_compiled, jax.stages.Lowered):
@@ -216,8 +221,7 @@ class ModelRunner:
         """
         start = time.perf_counter()
         todo = [p for name, p in self._bucket_programs(shapes).items() if name not in self._executables]
-        deferred = [p for p in todo if defer_loads and self._store(p[1]) is not None and self._store(p[1]).has(p[0])
-                    and (self._store(p[1]).folder, p[0]) not in _SHARED_SAMPLERS]
+        deferred = [p for p in todo if defer_loads and self._is_stored(p)]
         todo = [p for p in todo if p not in deferred]
         with ThreadPoolExecutor(workers or compile_workers(), thread_name_prefix="jpaged-compile") as pool:
             futures = [pool.submit(self._finish, program[0], self._lower(*program), program[1]) for program in todo]
