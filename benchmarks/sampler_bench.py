@@ -30,13 +30,14 @@ SETTINGS = {
 }
 
 
-def arrays(batch: int, history_len: int = 512, **values) -> SamplingArrays:
+def arrays(batch: int, history_len: int = 512, vocab_size: int = 49152, **values) -> SamplingArrays:
     base = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
                 repetition_penalty=1.0, num_logprobs=-1) | values
     dtypes = dict(top_k=np.int32, num_logprobs=np.int32)
     fields = {k: np.full(batch, v, dtypes.get(k, np.float32)) for k, v in base.items()}
     return SamplingArrays(**fields, seeds=np.arange(batch, dtype=np.uint32), sample_index=np.zeros(batch, np.int32),
-                          history=np.full((batch, history_len), -1, np.int32), prompt_lens=np.zeros(batch, np.int32))
+                          history=np.full((batch, history_len), -1, np.int32), prompt_lens=np.zeros(batch, np.int32),
+                          token_bitmask=np.full((batch, -(-vocab_size // 32)), -1, np.int32))
 
 
 def baseline(logits, s: SamplingArrays):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jpaged.structured.params import StructuredOutputs
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -42,12 +44,20 @@ class SamplingParams:
     """Return the log-probability of each sampled token and of the top `logprobs` alternatives (0..20)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    structured_outputs: StructuredOutputs | None = None
+    """A constraint on the output (JSON schema, regex, choice, grammar, any JSON object), enforced
+    by a token mask on every step; a dict is taken as StructuredOutputs' keywords. The output ends
+    with finish_reason "stop" when the constraint is complete, "length" if max_tokens comes first."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputs(**self.structured_outputs))
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValueError(f"structured_outputs must be a StructuredOutputs or None, got {self.structured_outputs!r:.100}")
 
         def check(ok: bool, field: str, rule: str):
             if not ok:

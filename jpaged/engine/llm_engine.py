@@ -32,6 +32,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
 from jpaged.sampling_params import SamplingParams
+from jpaged.structured import GrammarBackend, Matcher, make_backend
 from pallas_kernels import cpu_build
 
 logger = logging.getLogger("jpaged")
@@ -46,6 +47,9 @@ class _Completion:
     index: int
     sched_id: str  # the scheduler's request id
     detokenizer: IncrementalDetokenizer | None
+    # Its constraint's state (structured outputs): advanced by every sampled token; it lives as
+    # long as the sequence, so a preempted sequence, recomputed from the same tokens, keeps it.
+    matcher: Matcher | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
@@ -132,6 +136,15 @@ class LLMEngine:
         self._owner: dict[str, tuple[_Tracked, _Completion]] = {}  # by scheduler request id
         self._num_real_tokens = 0
         self._num_padded_tokens = 0
+        self._grammars: GrammarBackend | None = None  # made on the first constrained request
+
+    def grammar_backend(self) -> GrammarBackend:
+        """The structured-output engine for this model's tokenizer (built once, ~0.3 s)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer; this model has none")
+            self._grammars = make_backend(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars
 
     @staticmethod
     def _zero_kv_pools_early(config: EngineConfig, folder, pool: ThreadPoolExecutor):
@@ -191,6 +204,9 @@ class LLMEngine:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"the prompt has token ids outside [0, {vocab})")
         self.scheduler.check_fits(len(ids), params.max_tokens)
+        constraint = params.structured_outputs
+        if constraint is not None:
+            self.grammar_backend().matcher(constraint.key)  # compiles now: a bad grammar fails here, not mid-step
         arrival = time.monotonic()
         tracked = _Tracked(req_id, text, ids, params, [], output_kind)
         for i in range(params.n):
@@ -200,7 +216,8 @@ class LLMEngine:
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                                                stop=params.stop)
-            completion = _Completion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None)
+            completion = _Completion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None,
+                                     matcher=None if constraint is None else self._grammars.matcher(constraint.key))
             tracked.completions.append(completion)
             # Siblings arrive together; the later ones find the first one's prompt blocks in the prefix cache.
             self.scheduler.add_request(Request(sched_id, ids, params, seed, priority=priority, arrival_time=arrival))
@@ -232,7 +249,7 @@ class LLMEngine:
         if not plan.chunks:
             return []
         batch = build_batch(plan.chunks, self.runner.spec)
-        result = self.runner.step(batch)
+        result = self.runner.step(batch, self._bitmask_filler(plan))
         self._num_real_tokens += plan.num_tokens
         self._num_padded_tokens += len(batch.token_ids)
         finished = {f.req_id: f.status for f in self.scheduler.update_from_output(
@@ -245,12 +262,14 @@ class LLMEngine:
             tracked, completion = self._owner[chunk.req_id]
             token = int(result.token_ids[row])
             completion.token_ids.append(token)
+            status = finished.get(chunk.req_id)
+            if completion.matcher is not None:
+                status = self._advance_matcher(chunk.req_id, completion, token, status)
             if completion.logprobs is not None:
                 k = tracked.params.logprobs
                 entry = {token: float(result.logprobs[row])}
                 entry.update(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist()))
                 completion.logprobs.append(entry)
-            status = finished.get(chunk.req_id)
             if completion.detokenizer is not None:
                 completion.detokenizer.append(token)
                 if completion.detokenizer.stopped and status is None:
@@ -272,6 +291,30 @@ class LLMEngine:
                            else [self._cumulative(c) for c in tracked.completions])
             outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished))
         return outputs
+
+    def _bitmask_filler(self, plan):
+        """The step's bitmask filler (ModelRunner.step), or None when no row that samples is constrained."""
+        rows = []
+        for row, chunk in enumerate(plan.chunks):
+            if chunk.samples and (owner := self._owner.get(chunk.req_id)) and owner[1].matcher is not None:
+                rows.append((owner[1].matcher, row))
+        if not rows:
+            return None
+        return lambda bitmask: self._grammars.fill_bitmask(rows, bitmask)
+
+    def _advance_matcher(self, sched_id: str, c: _Completion, token: int, status: RequestStatus | None):
+        """Feeds the sampled token to the sequence's matcher; a complete constraint ends it with "stop"
+        (even when the same token reached max_tokens: the output is whole)."""
+        if status is RequestStatus.FINISHED_STOPPED and token in self.eos_token_ids:
+            return status  # end of sequence, which the grammar allowed (or ignore_eos is off)
+        if not c.matcher.accept_token(token):
+            logger.warning("request %s: token %d is outside its structured-output constraint: %s", sched_id, token,
+                           getattr(c.matcher, "error", ""))
+        if c.matcher.is_terminated() and status in (None, RequestStatus.FINISHED_LENGTH):
+            if status is None:
+                self.scheduler.finish(sched_id, RequestStatus.FINISHED_STOPPED)
+            return RequestStatus.FINISHED_STOPPED
+        return status
 
     @staticmethod
     def _visible_text(c: _Completion) -> str:
@@ -319,5 +362,6 @@ class LLMEngine:
             "num_traces": self.runner.num_traces,
             "num_executables_loaded": self.runner.num_executables_loaded,
             "padding_efficiency": self._num_real_tokens / max(self._num_padded_tokens, 1),
+            "num_grammar_compiles": self._grammars.num_compiles if self._grammars is not None else 0,
             "warmup_seconds": self.warmup_seconds,
         }

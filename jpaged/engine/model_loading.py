@@ -247,4 +247,5 @@ def bucket_spec(config: EngineConfig, model_config: ModelConfig, max_len: int, d
                       if attn_backend == "xla" else (pages_per_seq,)),
         page_size=bs,
         num_pages=num_pages,
+        vocab_size=model_config.vocab_size,
     )

@@ -34,6 +34,12 @@ class BucketSpec:
     page_buckets: tuple[int, ...]  # P, the last one enough for max_model_len
     page_size: int  # L
     num_pages: int  # NP; slot NP * L is the "drop" slot for padding tokens
+    vocab_size: int = 0  # V; the sampler's token bitmask has ceil(V / 32) words a row (0: one word, tests)
+
+    @property
+    def bitmask_width(self) -> int:
+        """W of the token bitmask [B, W]: fixed, so a constrained step never recompiles."""
+        return max(1, -(-self.vocab_size // 32))
 
     @property
     def history_len(self) -> int:
@@ -114,6 +120,8 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
             prompt_lens=_padded([c.num_prompt_tokens for c in chunks], b_pad, 0, np.int32),
             num_logprobs=_padded([-1 if c.params.logprobs is None else c.params.logprobs for c in chunks],
                                  b_pad, -1, np.int32),
+            # all allowed; the engine fills constrained rows (ModelRunner.step's fill_bitmask)
+            token_bitmask=np.full((b_pad, spec.bitmask_width), -1, np.int32),
         ),
     )
 
@@ -138,5 +146,6 @@ def dummy_batch(spec: BucketSpec, t_pad: int, b_pad: int, p_pad: int) -> BatchIn
             seeds=z(b_pad, np.uint32), sample_index=z(b_pad),
             history=np.full((b_pad, spec.history_len), -1, np.int32), prompt_lens=z(b_pad),
             num_logprobs=np.full(b_pad, -1, np.int32),
+            token_bitmask=np.full((b_pad, spec.bitmask_width), -1, np.int32),
         ),
     )

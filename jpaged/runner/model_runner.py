@@ -15,6 +15,7 @@ only [B] values and B x k top-k candidates, never the [B, V] logits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -251,11 +252,21 @@ class ModelRunner:
         self.kv_caches, logits = self._executable(forward)(self.state, self.kv_caches, batch)
         return logits
 
-    def step(self, batch: BatchInputs) -> SamplerOutput:
-        """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences are padding)."""
+    def step(self, batch: BatchInputs, fill_bitmask: Callable[[np.ndarray], None] | None = None) -> SamplerOutput:
+        """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences are padding).
+
+        fill_bitmask, if given, writes the constrained rows of the step's token bitmask (int32
+        [B, W], handed over all ones). It runs after the model program is dispatched and before
+        the sampler's: the host computes the grammar masks while the device runs the model.
+        """
         forward, sampler = self._programs(batch)
-        logits = self._run_forward(batch, forward)
-        return jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, batch.sampling))
+        logits = self._run_forward(batch, forward)  # asynchronous: returns before the device is done
+        sampling = batch.sampling
+        if fill_bitmask is not None:
+            bitmask = np.full(sampling.token_bitmask.shape, -1, np.int32)
+            fill_bitmask(bitmask)
+            sampling = dataclasses.replace(sampling, token_bitmask=bitmask)
+        return jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, sampling))
 
     def logits(self, batch: BatchInputs) -> np.ndarray:
         """Like step, but returns float32 logits [B, V] at batch.logits_indices (tests, scoring)."""

@@ -1,14 +1,17 @@
 """Token sampling on device, per sequence, from arrays (changing settings never recompiles).
 
-Order, as in vLLM: penalties on the raw logits, temperature, then min-p and top-k filtering,
+Order, as in vLLM: the structured-output token bitmask first (so log-probabilities are those of
+the masked distribution), penalties on the logits, temperature, then min-p and top-k filtering,
 top-p on what they leave, then a draw from each row's own random stream (one uniform per
-token, by inverse CDF). Log-probabilities are those of the raw model distribution. Nothing
+token, by inverse CDF). Log-probabilities are those of the model distribution after the mask,
+before penalties and temperature. Nothing
 here sorts the vocabulary: on a CPU a sort of [64, 49152] logits alone takes ~0.4 s.
 
 With tensor parallelism the logits arrive split by vocabulary over the devices (the lm_head's
 columns). Every step here but one is elementwise or a reduction over the vocabulary (max, sums,
 the argmax as max + min of indices), which XLA partitions into per-device reductions and
-all-reduces of [B] values. The exceptions: lax.top_k, for which XLA all-gathers the whole
+all-reduces of [B] values; the bitmask is unpacked elementwise (each packed word broadcast to its
+32 tokens), so each device unpacks only its own columns. The exceptions: lax.top_k, for which XLA all-gathers the whole
 [B, V] first, so the top-k is a parameter and the runner passes jpaged.parallel's
 vocabulary-parallel one (each device's top k, then the top k of the B x devices x k
 candidates); and the inverse-CDF's blocks, sized to never straddle two devices' columns.
@@ -45,6 +48,9 @@ class SamplingArrays:
     history: jax.Array  # int32 [B, max_model_len] prompt + output tokens so far; -1 past the end
     prompt_lens: jax.Array  # int32 [B]; history[:, :prompt_len] is the prompt
     num_logprobs: jax.Array  # int32 [B]; -1 = the request wants no log-probabilities
+    # int32 [B, W], W = ceil(V / 32) (or fewer words: the tokens past them are allowed): bit t % 32
+    # of word t // 32 allows token t; -1 (all bits) for unconstrained rows. jpaged.structured fills it.
+    token_bitmask: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -69,6 +75,22 @@ def _apply_penalties(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - s.frequency_penalty[:, None] * out_counts
     return logits - s.presence_penalty[:, None] * (out_counts > 0)
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """logits [B, V] with the tokens bitmask int32 [B, W] does not allow set to -inf.
+
+    Elementwise in the vocabulary: word w's 32 bits become tokens 32w..32w+31 by a broadcast
+    shift and a reshape, so with logits split by vocabulary over devices (the mask replicated)
+    each device unpacks its own columns and nothing is exchanged.
+    """
+    batch, vocab = logits.shape
+    width = bitmask.shape[1]
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    allowed = bits.reshape(batch, width * 32) != 0  # [B, 32 W]
+    if width * 32 < vocab:
+        allowed = jnp.pad(allowed, ((0, 0), (0, vocab - width * 32)), constant_values=True)
+    return jnp.where(allowed[:, :vocab], logits, -jnp.inf)
 
 
 def fast_argmax(x: jax.Array) -> jax.Array:
@@ -201,6 +223,8 @@ def sample(logits: jax.Array, s: SamplingArrays, *, top_k: TopK = jax.lax.top_k,
     top_k computes every top-k here (lax.top_k, or a vocabulary-parallel equivalent);
     vocab_parts is how many equal parts the vocabulary is split into over devices (1: none).
     """
+    # Constrained rows first; a batch without any skips the unpacking.
+    logits = jax.lax.cond(jnp.any(s.token_bitmask != -1), apply_token_bitmask, lambda x, _: x, logits, s.token_bitmask)
     raw = logits
     needs_penalty = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0) | (s.repetition_penalty != 1))
     logits = jax.lax.cond(needs_penalty, _apply_penalties, lambda x, _: x, logits, s)

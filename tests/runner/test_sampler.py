@@ -1,5 +1,6 @@
 """The sampler against numpy references: filters, penalties, and draws that follow the distribution."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,7 +16,7 @@ def arrays(b, **kw):
         frequency_penalty=np.zeros(b, np.float32), repetition_penalty=np.ones(b, np.float32),
         seeds=np.arange(b, dtype=np.uint32), sample_index=np.zeros(b, np.int32),
         history=np.full((b, 16), -1, np.int32), prompt_lens=np.zeros(b, np.int32),
-        num_logprobs=np.full(b, -1, np.int32),
+        num_logprobs=np.full(b, -1, np.int32), token_bitmask=np.full((b, -(-V // 32)), -1, np.int32),
     )
     base.update({k: np.asarray(v, base[k].dtype) for k, v in kw.items()})
     return SamplingArrays(**base)
@@ -128,3 +129,50 @@ def test_greedy_rows_ignore_randomness():
     logits = rng.normal(size=(3, V)).astype(np.float32)
     out = sample(jnp.asarray(logits), arrays(3, temperature=[0, 0, 0], top_p=[0.1, 1, 1]))
     np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
+
+
+def bitmask_allowing(b: int, allowed_per_row) -> np.ndarray:
+    mask = np.zeros((b, -(-V // 32)), np.uint32)
+    for row, ids in enumerate(allowed_per_row):
+        if ids is None:
+            mask[row] = 0xFFFFFFFF
+        for t in ids or ():
+            mask[row, t // 32] |= np.uint32(1 << (t % 32))
+    return mask.view(np.int32)
+
+
+def test_a_mask_with_one_allowed_token_forces_it():
+    """Greedy and sampled rows, penalties and filters on: each constrained row gets its one
+    allowed token (never the argmax); the unconstrained row is untouched; logprobs are those of
+    the masked distribution (the forced token has probability 1)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, V)).astype(np.float32) * 3
+    forced = [int(np.argmin(logits[0])), 33, int(np.argmin(logits[2])), None]
+    s = arrays(4, temperature=[0.0, 1.0, 0.7, 0.0], top_k=[0, 5, 0, 0], top_p=[1.0, 0.9, 1.0, 1.0],
+               repetition_penalty=[1.3, 1.0, 1.0, 1.0], num_logprobs=[2, -1, 2, 2],
+               token_bitmask=bitmask_allowing(4, [[t] if t is not None else None for t in forced]))
+    out = sample(jnp.asarray(logits), s)
+    assert out.token_ids[:3].tolist() == forced[:3]
+    assert int(out.token_ids[3]) == int(np.argmax(logits[3]))
+    np.testing.assert_allclose(np.asarray(out.logprobs)[[0, 2]], 0.0, atol=1e-6)
+    assert np.isneginf(np.asarray(out.top_logprobs)[0, 1]), "the masked distribution has one token"
+    ref = logits[3] - np.log(np.exp(logits[3] - logits[3].max()).sum()) - logits[3].max()
+    np.testing.assert_allclose(float(out.logprobs[3]), ref.max(), rtol=1e-5)
+
+
+def test_sampled_tokens_stay_in_the_allowed_set():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(8, V)).astype(np.float32))
+    allowed = [sorted(rng.choice(V, size=3, replace=False).tolist()) for _ in range(8)]
+    step = jax.jit(sample)
+    for index in range(20):
+        s = arrays(8, sample_index=np.full(8, index), token_bitmask=bitmask_allowing(8, allowed))
+        out = step(logits, s)
+        assert all(int(t) in a for t, a in zip(out.token_ids, allowed))
+
+
+def test_a_short_mask_allows_the_tokens_past_it():
+    logits = np.zeros((1, V), np.float32)
+    logits[0, V - 1] = 5.0  # past the first 32-token word
+    s = arrays(1, temperature=[0.0], token_bitmask=np.zeros((1, 1), np.int32))
+    assert int(sample(jnp.asarray(logits), s).token_ids[0]) == V - 1
