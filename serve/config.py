@@ -34,6 +34,8 @@ class ServerSettings:
     """On SIGTERM, how long in-flight requests may take to finish before they are cancelled."""
     log_interval_s: float = 5.0
     """Seconds between status lines while requests are running."""
+    tool_call_parser: str = "hermes"
+    """How tool calls are found in a reply under tool_choice "auto": hermes | llama3_json."""
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):
@@ -47,6 +49,7 @@ class ServerSettings:
         check(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024")
         check(self.drain_timeout_s >= 0, "drain_timeout_s", ">= 0")
         check(self.log_interval_s > 0, "log_interval_s", "> 0")
+        check(self.tool_call_parser in ("hermes", "llama3_json"), "tool_call_parser", "hermes or llama3_json")
 
 
 @dataclasses.dataclass

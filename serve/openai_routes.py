@@ -20,6 +20,26 @@ from serve import responses as R
 from serve.config import ENGINE, SETTINGS, STATE
 from serve.errors import APIError, bad_request, from_value_error, parse, read_json_object
 from serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from serve import tools as T
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolMode:
+    """How a chat reply's text becomes tool calls (None on a request without tools or with "none")."""
+
+    functions: list[dict]
+    choice: str | dict  # "auto" | "required" | {"type": "function", "function": {"name"}}
+    parser: str  # --tool-call-parser, for "auto"
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """(the message's content / tool_calls, finish_reason) of a whole reply."""
+        if self.choice == "auto":
+            content, calls = T.parse_tool_calls(text, self.parser, {f["name"] for f in self.functions})
+        else:
+            content, calls = None, (T.calls_from_constrained(text, self.choice) if finish_reason == "stop" else None)
+        if not calls:
+            return {"content": text}, finish_reason
+        return {"content": content, "tool_calls": calls}, "tool_calls"
 
 
 class Generation:
@@ -132,8 +152,11 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _respond(request: web.Request, req: GenerationRequest, gen: Generation, kind: str, response_id: str,
-                   fmt: R.LogprobFormatter | None) -> web.StreamResponse:
-    """The whole response, streamed or not; closes the generation whatever happens."""
+                   fmt: R.LogprobFormatter | None, tools: ToolMode | None = None) -> web.StreamResponse:
+    """The whole response, streamed or not; closes the generation whatever happens.
+
+    With tools, a streamed reply is held until it ends: then one chunk carries either its text or
+    its tool calls (OpenAI's delta format, each call whole) and the finish reason."""
     chat = kind == "chat"
     created, model = int(time.time()), request.app[STATE].model_name
     obj = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and req.stream else "")
@@ -150,7 +173,11 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
                 lp = None
                 if fmt is not None:
                     lp = fmt.chat(c.token_ids, c.logprobs) if chat else fmt.completion(c.token_ids, c.logprobs, 0)
-                out.append(make_choice(index, "".join(c.text), c.finish_reason, lp))
+                choice = make_choice(index, "".join(c.text), c.finish_reason, lp)
+                if tools is not None:
+                    message, choice["finish_reason"] = tools.message("".join(c.text), c.finish_reason)
+                    choice["message"].update(message)
+                out.append(choice)
             num_completion = sum(len(c.token_ids) for c in choices.values())
             return web.json_response(R.body(response_id, obj, created, model, out,
                                             usage=R.usage(gen.num_prompt_tokens, num_completion)))
@@ -161,10 +188,20 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
             first = [R.chat_delta(i, {"role": "assistant", "content": ""}, None, None)
                      for i in range(len(gen.streams) * gen.n)]
             await response.write(R.sse(R.body(response_id, obj, created, model, first, **extra)))
-        num_completion, offsets = 0, {}
+        num_completion, offsets, held = 0, {}, {}
         try:
             async for c in gen.deltas():
                 num_completion += len(c.token_ids)
+                if tools is not None:
+                    held[c.index] = held.get(c.index, "") + c.text
+                    if c.finish_reason is None:
+                        continue
+                    message, reason = tools.message(held.pop(c.index), c.finish_reason)
+                    delta = {"content": message["content"]} if "tool_calls" not in message else {
+                        "tool_calls": [dict(call, index=k) for k, call in enumerate(message["tool_calls"])]}
+                    await response.write(R.sse(R.body(response_id, obj, created, model,
+                                                      [R.chat_delta(c.index, delta, reason, None)], **extra)))
+                    continue
                 lp = None
                 if fmt is not None and c.token_ids:
                     if chat:
@@ -200,18 +237,30 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     _check_model(app, req.model)
     req.check_n(app[SETTINGS].max_n)
     prompts = req.prompts()
-    params = req.sampling_params(max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs)
+    params = req.sampling_params(max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs,
+                                 constraint=req.constraint())
     response_id, gen = await _start(app, "cmpl", prompts, params)
     fmt = None if req.logprobs is None else R.LogprobFormatter(app[ENGINE].tokenizer, req.logprobs)
     return await _respond(request, req, gen, "completion", response_id, fmt)
 
 
-def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+def apply_chat_template(tokenizer, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn.
+
+    Tools (and tool calls / results in the history) go through the template when it renders
+    them, else through serve.tools' default tool prompt."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions", param="messages")
+    kwargs = {}
+    has_tool_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if functions or has_tool_history:
+        if T.template_renders_tools(tokenizer):
+            if functions:
+                kwargs["tools"] = [{"type": "function", "function": f} for f in functions]
+        else:
+            messages = T.default_tool_messages(messages, functions or [])
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
         raise bad_request(f"The chat template cannot format these messages: {e}", param="messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
@@ -223,7 +272,17 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     _check_model(app, req.model)
     req.check_n(app[SETTINGS].max_n)
     engine = app[ENGINE]
-    ids = apply_chat_template(engine.tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)])
+    functions, tool_choice = T.check_tools(req.tools, req.tool_choice)
+    constraint = req.constraint()
+    tool_constraint = T.tool_constraint(functions, tool_choice, req.parallel_tool_calls)
+    if tool_constraint is not None:
+        if constraint is not None:
+            raise bad_request("tool_choice 'required' or a named function cannot be combined with another output "
+                              "constraint (response_format, structured_outputs)", param="tool_choice")
+        constraint = tool_constraint
+    tools = ToolMode(functions, tool_choice, app[SETTINGS].tool_call_parser) if tool_choice != "none" else None
+    ids = apply_chat_template(engine.tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)],
+                              functions)
     max_tokens = req.requested_max_tokens
     if max_tokens is None:  # as much as the context leaves
         max_tokens = engine.max_model_len - len(ids)
@@ -233,7 +292,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                 param="messages", code="context_length_exceeded")
     num_logprobs = req.num_logprobs
-    params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs)
+    params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs, constraint=constraint)
     response_id, gen = await _start(app, "chatcmpl", [ids], params)
     fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs)
-    return await _respond(request, req, gen, "chat", response_id, fmt)
+    return await _respond(request, req, gen, "chat", response_id, fmt, tools)

@@ -11,8 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jpaged import SamplingParams
+from jpaged import SamplingParams, StructuredOutputs
 from serve.errors import bad_request, from_value_error
+
+# vLLM's older per-field names of structured_outputs' keys.
+_GUIDED = ("json", "regex", "choice", "grammar")
+# structured_outputs keys that change nothing here (vLLM's backend choice, whitespace shaping).
+_IGNORED_STRUCTURED = ("backend", "disable_fallback", "whitespace_pattern", "disable_additional_properties")
 
 # Names that SamplingParams' ValueErrors may start with, reported as the error's `param`.
 _PARAM_NAMES = tuple(SamplingParams.__dataclass_fields__)
@@ -48,16 +53,34 @@ class GenerationRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's structured outputs: {json | regex | choice | grammar | json_object}, or the older guided_* fields.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    @property
-    def include_usage(self) -> bool:
-        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+    def constraint(self) -> StructuredOutputs | None:
+        """The output constraint the request asks for (a 400 naming the field when it is invalid)."""
+        sources = []
+        if self.structured_outputs is not None:
+            so = dict(self.structured_outputs)
+            for key in _IGNORED_STRUCTURED:
+                so.pop(key, None)
+            if "disable_any_whitespace" in so:
+                so["any_whitespace"] = not so.pop("disable_any_whitespace")
+            unknown = sorted(set(so) - set(StructuredOutputs.__dataclass_fields__))
+            if unknown:
+                raise bad_request(f"structured_outputs.{unknown[0]} is not supported; use one of json, regex, choice, "
+                                  f"grammar, json_object", param="structured_outputs")
+            sources.append(("structured_outputs", so))
+        for key in _GUIDED:
+            if getattr(self, f"guided_{key}") is not None:
+                sources.append((f"guided_{key}", {key: getattr(self, f"guided_{key}")}))
+        return _one_constraint(sources)
 
-    def check_n(self, max_n: int) -> None:
-        if not 1 <= self.n <= max_n:
-            raise bad_request(f"n must be in [1, {max_n}], got {self.n}", param="n")
-
-    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None,
+                        constraint: StructuredOutputs | None = None) -> SamplingParams:
         """SamplingParams of this request; a 400 naming the field when a value is out of range."""
         optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed")
@@ -67,10 +90,18 @@ class GenerationRequest(_Model):
             return SamplingParams(
                 n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=self.skip_special_tokens, **kwargs,
+                skip_special_tokens=self.skip_special_tokens, structured_outputs=constraint, **kwargs,
             )
         except ValueError as e:
             raise from_value_error(e, _PARAM_NAMES) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def check_n(self, max_n: int) -> None:
+        if not 1 <= self.n <= max_n:
+            raise bad_request(f"n must be in [1, {max_n}], got {self.n}", param="n")
 
 
 class CompletionRequest(GenerationRequest):
@@ -94,6 +125,20 @@ class CompletionRequest(GenerationRequest):
                 return list(p)
         raise bad_request("prompt must be a string, a list of strings, a non-empty list of token ids or a list of "
                           "such lists", param="prompt")
+
+
+def _one_constraint(sources: list[tuple[str, dict]]) -> StructuredOutputs | None:
+    """StructuredOutputs from the one field that asks for a constraint; a 400 naming the field otherwise."""
+    if not sources:
+        return None
+    if len(sources) > 1:
+        raise bad_request(f"only one output constraint may be given; got {', '.join(n for n, _ in sources)}",
+                          param=sources[1][0])
+    name, kwargs = sources[0]
+    try:
+        return StructuredOutputs(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e) if name == "structured_outputs" else f"{name}: {e}", param=name) from None
 
 
 def _is_token_id(x: Any) -> bool:
@@ -125,6 +170,35 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    def constraint(self) -> StructuredOutputs | None:
+        sources = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                sources.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise bad_request("response_format.json_schema must be an object with a `schema` object",
+                                      param="response_format")
+                sources.append(("response_format", {"json": spec.get("schema", {"type": "object"})}))
+            elif kind != "text":
+                raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                                  param="response_format")
+        other = super().constraint()
+        if other is not None:
+            if sources:
+                raise bad_request("only one output constraint may be given: response_format or structured_outputs",
+                                  param="response_format")
+            return other
+        return _one_constraint(sources)
 
     @property
     def requested_max_tokens(self) -> int | None:
