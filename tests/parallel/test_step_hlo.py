@@ -38,5 +38,6 @@ def test_sampler_never_gathers_the_vocabulary(hlo):
     assert hlo["sample_gathered"], "the top-k candidates are gathered"
     for shape in hlo["sample_gathered"]:
         rows, *cols = (int(d) for d in shape[shape.index("[") + 1 : shape.index("]")].split(","))
-        # top-k candidates (8 devices x 64 or x 20) or the inverse-CDF's block sums; never V.
+        # top-k candidates (8 devices x 64 or x 20) or the inverse-CDF's block sums; never V (the token
+        # bitmask, [B, V / 32] replicated, is unpacked on each device for its own columns).
         assert max(cols) <= TP * 64 < vocab // TP, shape

@@ -173,7 +173,7 @@ def llama8b_step(num_layers: int, tp: int, batch: int = 8) -> dict:
     forward = step.lower(*args).compile().as_text()
     replicated = NamedSharding(mesh, P())
     sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            dummy_batch(BucketSpec((batch,), batch, (4,), 16, 64), batch, batch, 4).sampling)
+                            dummy_batch(BucketSpec((batch,), batch, (4,), 16, 64, config.vocab_size), batch, batch, 4).sampling)
     logits = jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32,
                                   sharding=NamedSharding(mesh, logits_spec(config.vocab_size, tp)))
     sampler = jax.jit(functools.partial(sample, top_k=vocab_parallel_top_k(mesh, config.vocab_size),
