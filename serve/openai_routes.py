@@ -19,7 +19,7 @@ from jpaged import CompletionOutput, EngineDeadError, RequestStream, SamplingPar
 from serve import responses as R
 from serve.config import ENGINE, SETTINGS, STATE
 from serve.errors import APIError, bad_request, from_value_error, parse, read_json_object
-from serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, check_num_logprobs
 
 
 class Generation:
@@ -91,7 +91,7 @@ async def _start(app: web.Application, kind: str, prompts: list, params: Samplin
     except ValueError as e:
         for stream in streams:
             stream.close()
-        error = from_value_error(e)
+        error = from_value_error(e, ("stop_token_ids", "logit_bias"))
         if len(prompts) > 1:
             error.message = f"prompt {i}: {error.message}"
         raise error from None
@@ -165,6 +165,8 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
         try:
             async for c in gen.deltas():
                 num_completion += len(c.token_ids)
+                if req.continuous_usage:
+                    extra = {"usage": R.usage(gen.num_prompt_tokens, num_completion)}
                 lp = None
                 if fmt is not None and c.token_ids:
                     if chat:
@@ -198,30 +200,39 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = parse(CompletionRequest, await read_json_object(request))
     _check_model(app, req.model)
-    req.check_n(app[SETTINGS].max_n)
+    req.check_fields(app[SETTINGS].max_n)
+    check_num_logprobs(req.logprobs, app[SETTINGS].max_logprobs, "logprobs")
     prompts = req.prompts()
     params = req.sampling_params(max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs)
     response_id, gen = await _start(app, "cmpl", prompts, params)
-    fmt = None if req.logprobs is None else R.LogprobFormatter(app[ENGINE].tokenizer, req.logprobs)
+    fmt = None if req.logprobs is None else R.LogprobFormatter(app[ENGINE].tokenizer, req.logprobs,
+                                                               as_token_ids=req.return_tokens_as_token_ids)
     return await _respond(request, req, gen, "completion", response_id, fmt)
 
 
-def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False, tools: list[dict] | None = None,
+                        add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a conversation in the model's chat template, by default ready for the assistant's turn."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions", param="messages")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("add_generation_prompt and continue_final_message cannot both be true",
+                          param="continue_final_message")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tools=tools)
     except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
         raise bad_request(f"The chat template cannot format these messages: {e}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = parse(ChatCompletionRequest, await read_json_object(request))
     _check_model(app, req.model)
-    req.check_n(app[SETTINGS].max_n)
+    req.check_fields(app[SETTINGS].max_n)
+    check_num_logprobs(req.top_logprobs, app[SETTINGS].max_logprobs, "top_logprobs")
     engine = app[ENGINE]
     ids = apply_chat_template(engine.tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)])
     max_tokens = req.requested_max_tokens
@@ -235,5 +246,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     num_logprobs = req.num_logprobs
     params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs)
     response_id, gen = await _start(app, "chatcmpl", [ids], params)
-    fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs)
+    fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs,
+                                                               as_token_ids=req.return_tokens_as_token_ids)
     return await _respond(request, req, gen, "chat", response_id, fmt)

@@ -14,7 +14,7 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
@@ -22,12 +22,13 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
 class LogprobFormatter:
     """Turns the engine's per-token {token_id: logprob} dicts into the two OpenAI formats."""
 
-    def __init__(self, tokenizer, num_top: int):
+    def __init__(self, tokenizer, num_top: int, *, as_token_ids: bool = False):
         self.tokenizer = tokenizer
         self.num_top = num_top
+        self.as_token_ids = as_token_ids  # vLLM's return_tokens_as_token_ids: "token_id:<id>" for every token
 
     def token(self, token_id: int) -> str:
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.as_token_ids:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -42,10 +43,13 @@ class LogprobFormatter:
             tokens.append(self.token(token_id))
             offsets.append(text_offset)
             text_offset += len(tokens[-1])
+        # As vLLM: each top_logprobs entry holds the sampled token besides the top alternatives, so
+        # `logprobs: 0` still names it (k + 1 entries when it is not among the top k).
         return {
             "tokens": tokens,
             "token_logprobs": [entry[t] for t, entry in zip(token_ids, logprobs)],
-            "top_logprobs": [{self.token(t): lp for t, lp in self._top(entry)} for entry in logprobs],
+            "top_logprobs": [{self.token(a): lp for a, lp in self._top(entry)} | {tok: entry[t]}
+                             for tok, t, entry in zip(tokens, token_ids, logprobs)],
             "text_offset": offsets,
         }
 

@@ -15,11 +15,21 @@ from serve.protocol import DetokenizeRequest, TokenizeRequest
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
 
-async def list_models(request: web.Request) -> web.Response:
+def _model_object(request: web.Request) -> dict:
     state, engine = request.app[STATE], request.app[ENGINE]
-    model = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "jpaged",
-             "root": state.model_name, "max_model_len": engine.max_model_len}
-    return web.json_response({"object": "list", "data": [model]})
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "jpaged",
+            "root": state.model_name, "max_model_len": engine.max_model_len}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_object(request)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    if model != request.app[STATE].model_name:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return web.json_response(_model_object(request))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -53,11 +63,17 @@ async def tokenize(request: web.Request) -> web.Response:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Give exactly one of 'prompt' and 'messages'", param="prompt")
     if req.prompt is not None:
-        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
-        ids = apply_chat_template(tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)])
+        ids = apply_chat_template(tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)],
+                                  add_generation_prompt=req.add_generation_prompt,
+                                  continue_final_message=req.continue_final_message, tools=req.tools,
+                                  add_special_tokens=bool(req.add_special_tokens))
     engine = request.app[ENGINE]
-    return web.json_response({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
+    body = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+    if req.return_token_strs:
+        body["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+    return web.json_response(body)
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -74,6 +90,7 @@ ROUTES = [
     web.post("/v1/completions", create_completion),
     web.post("/v1/chat/completions", create_chat_completion),
     web.get("/v1/models", list_models),
+    web.get("/v1/models/{model}", retrieve_model),
     web.get("/health", health),
     web.get("/metrics", metrics),
     web.get("/version", version),

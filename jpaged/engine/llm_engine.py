@@ -20,6 +20,7 @@ from jpaged.config import EngineConfig
 from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
+from jpaged.engine.request_checks import check_token_ids, device_seed
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
     model_config_file, resolve_model_folder, runtime_dtype, sampler_store,
@@ -187,9 +188,7 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"the prompt has token ids outside [0, {vocab})")
+        check_token_ids(ids, params, self.model_config.vocab_size)
         self.scheduler.check_fits(len(ids), params.max_tokens)
         arrival = time.monotonic()
         tracked = _Tracked(req_id, text, ids, params, [], output_kind)
@@ -199,7 +198,7 @@ class LLMEngine:
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
-                                               stop=params.stop)
+                                               stop=params.stop, include_stop=params.include_stop_str_in_output)
             completion = _Completion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None)
             tracked.completions.append(completion)
             # Siblings arrive together; the later ones find the first one's prompt blocks in the prefix cache.
@@ -210,6 +209,7 @@ class LLMEngine:
     def _child_seed(self, seed: int | None, index: int) -> int:
         if seed is None:
             return int(self._rng.integers(2**31))
+        seed = device_seed(seed)
         return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
 
     def abort(self, req_id: str) -> None:

@@ -11,6 +11,7 @@ from jpaged.core.scheduler import ScheduledChunk
 from jpaged.models.attention import AttentionMetadata
 from jpaged.runner.buckets import pick_bucket
 from jpaged.runner.sampler import SamplingArrays
+from jpaged.sampling_params import MAX_LOGIT_BIAS
 
 
 @jax.tree_util.register_dataclass
@@ -84,6 +85,11 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
         used = c.block_ids[:p_pad]
         block_tables[i, : len(used)] = used
         history[i, : len(c.history)] = c.history
+    bias_ids, bias_values = np.zeros((b_pad, MAX_LOGIT_BIAS), np.int32), np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32)
+    for i, c in enumerate(chunks):
+        if c.params.logit_bias:
+            bias_ids[i, : len(c.params.logit_bias)] = list(c.params.logit_bias)
+            bias_values[i, : len(c.params.logit_bias)] = list(c.params.logit_bias.values())
     pages = block_tables[seq_of_token, positions // spec.page_size]
     drop_slot = spec.num_pages * spec.page_size
 
@@ -114,6 +120,8 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
             prompt_lens=_padded([c.num_prompt_tokens for c in chunks], b_pad, 0, np.int32),
             num_logprobs=_padded([-1 if c.params.logprobs is None else c.params.logprobs for c in chunks],
                                  b_pad, -1, np.int32),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
         ),
     )
 
@@ -138,5 +146,6 @@ def dummy_batch(spec: BucketSpec, t_pad: int, b_pad: int, p_pad: int) -> BatchIn
             seeds=z(b_pad, np.uint32), sample_index=z(b_pad),
             history=np.full((b_pad, spec.history_len), -1, np.int32), prompt_lens=z(b_pad),
             num_logprobs=np.full(b_pad, -1, np.int32),
+            bias_ids=np.zeros((b_pad, MAX_LOGIT_BIAS), np.int32), bias_values=np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32),
         ),
     )
