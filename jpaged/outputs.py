@@ -33,3 +33,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # With SamplingParams.prompt_logprobs: per prompt token, {token_id: logprob} for the prompt's token and
+    # the top alternatives given the tokens before it; None for the first token. A DELTA stream carries
+    # it in its first output only.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

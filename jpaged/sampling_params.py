@@ -45,6 +45,10 @@ class SamplingParams:
     """Keep generating past end-of-sequence tokens."""
     logprobs: int | None = None
     """Return the log-probability of each sampled token and of the top `logprobs` alternatives (0..20)."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of each prompt token (after the first) given the ones before it, and of
+    the top `prompt_logprobs` alternatives (0..20), as vLLM. Such a request skips the prefix cache: a cached
+    block's tokens would have no logits."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
     logit_bias: dict[int, float] | None = None
@@ -86,6 +90,8 @@ class SamplingParams:
         check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "non-negative token ids")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               "None or an integer in [0, 20]")
+        check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "None or an integer in [0, 20]")
         if self.logit_bias is not None:
             bias = self.logit_bias
             check(isinstance(bias, dict) and all(is_int(t) and t >= 0 for t in bias), "logit_bias",

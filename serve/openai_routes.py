@@ -29,11 +29,15 @@ class Generation:
         self.streams = streams
         self.n = n
         self.num_prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
+        # Per stream, its prompt's log-probabilities once they arrive (with its first output, before
+        # any delta of it is yielded) when SamplingParams.prompt_logprobs asked for them.
+        self.prompt_logprobs: list[list | None] = [None] * len(streams)
 
     async def deltas(self) -> AsyncIterator[CompletionOutput]:
         """Completion deltas whose `index` is the choice index, in the order the engine made them."""
         if len(self.streams) == 1:
             async for out in self.streams[0]:
+                self._keep_prompt_logprobs(0, out)
                 for c in out.outputs:
                     yield c
             return
@@ -42,6 +46,7 @@ class Generation:
         async def pump(i: int, stream: RequestStream) -> None:
             try:
                 async for out in stream:
+                    self._keep_prompt_logprobs(i, out)
                     for c in out.outputs:
                         await queue.put((dataclasses.replace(c, index=i * self.n + c.index), None))
             except Exception as e:  # noqa: BLE001 - handed to the reader
@@ -63,9 +68,28 @@ class Generation:
             for task in tasks:
                 task.cancel()
 
+    def _keep_prompt_logprobs(self, i: int, out) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = out.prompt_logprobs
+
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Echo:
+    """completions `echo`: each choice starts with its prompt (and the prompt's log-probabilities)."""
+
+    prompt_texts: list[str]  # per prompt
+    scoring: bool  # max_tokens 0: the prompt only; the one token generated to get there is dropped
+
+    def prefix(self, gen: Generation, index: int, fmt: R.LogprobFormatter | None) -> tuple[str, dict | None]:
+        """The prompt's text and logprobs (None for its first token) of choice `index`."""
+        i = index // gen.n
+        if fmt is None:
+            return self.prompt_texts[i], None
+        return self.prompt_texts[i], fmt.prompt(gen.streams[i].prompt_token_ids, gen.prompt_logprobs[i])
 
 
 def _check_model(app: web.Application, model: str | None) -> None:
@@ -132,7 +156,7 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _respond(request: web.Request, req: GenerationRequest, gen: Generation, kind: str, response_id: str,
-                   fmt: R.LogprobFormatter | None) -> web.StreamResponse:
+                   fmt: R.LogprobFormatter | None, echo: Echo | None = None) -> web.StreamResponse:
     """The whole response, streamed or not; closes the generation whatever happens."""
     chat = kind == "chat"
     created, model = int(time.time()), request.app[STATE].model_name
@@ -145,12 +169,17 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
                 raise APIError(500, str(e), code="engine_dead") from None
             make_choice = R.chat_choice if chat else R.completion_choice
             out = []
+            if echo is not None and echo.scoring:
+                choices = {i: _Choice(finish_reason=c.finish_reason) for i, c in choices.items()}
             for index in sorted(choices):
                 c = choices[index]
-                lp = None
+                text, lp = "".join(c.text), None
+                prefix, prefix_lp = echo.prefix(gen, index, fmt) if echo is not None else ("", None)
                 if fmt is not None:
-                    lp = fmt.chat(c.token_ids, c.logprobs) if chat else fmt.completion(c.token_ids, c.logprobs, 0)
-                out.append(make_choice(index, "".join(c.text), c.finish_reason, lp))
+                    lp = (fmt.chat(c.token_ids, c.logprobs) if chat
+                          else fmt.completion(c.token_ids, c.logprobs, len(prefix)))
+                    lp = R.concat_logprobs(prefix_lp, lp) if prefix_lp is not None else lp
+                out.append(make_choice(index, prefix + text, c.finish_reason, lp))
             num_completion = sum(len(c.token_ids) for c in choices.values())
             return web.json_response(R.body(response_id, obj, created, model, out,
                                             usage=R.usage(gen.num_prompt_tokens, num_completion)))
@@ -164,6 +193,14 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
         num_completion, offsets = 0, {}
         try:
             async for c in gen.deltas():
+                if echo is not None and c.index not in offsets:  # the prompt first, in a chunk of its own
+                    prefix, prefix_lp = echo.prefix(gen, c.index, fmt)
+                    offsets[c.index] = len(prefix)
+                    await response.write(R.sse(R.body(response_id, obj, created, model,
+                                                      [R.completion_choice(c.index, prefix, None, prefix_lp)],
+                                                      **extra)))
+                if echo is not None and echo.scoring:
+                    c = dataclasses.replace(c, text="", token_ids=[], logprobs=None)
                 num_completion += len(c.token_ids)
                 if req.continuous_usage:
                     extra = {"usage": R.usage(gen.num_prompt_tokens, num_completion)}
@@ -203,11 +240,19 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     req.check_fields(app[SETTINGS].max_n)
     check_num_logprobs(req.logprobs, app[SETTINGS].max_logprobs, "logprobs")
     prompts = req.prompts()
-    params = req.sampling_params(max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs)
+    tokenizer = app[ENGINE].tokenizer
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    echo = None
+    if req.echo:  # lm-eval's scoring: echo, logprobs and max_tokens 0
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) if tokenizer is not None else "" for p in prompts]
+        echo = Echo(texts, scoring=max_tokens == 0)
+        max_tokens = max_tokens or 1
+    params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs,
+                                 prompt_logprobs=req.logprobs if req.echo else None)
     response_id, gen = await _start(app, "cmpl", prompts, params)
-    fmt = None if req.logprobs is None else R.LogprobFormatter(app[ENGINE].tokenizer, req.logprobs,
+    fmt = None if req.logprobs is None else R.LogprobFormatter(tokenizer, req.logprobs,
                                                                as_token_ids=req.return_tokens_as_token_ids)
-    return await _respond(request, req, gen, "completion", response_id, fmt)
+    return await _respond(request, req, gen, "completion", response_id, fmt, echo)
 
 
 def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,

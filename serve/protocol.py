@@ -103,7 +103,8 @@ class GenerationRequest(_Model):
             bias[int(key)] = value
         return bias
 
-    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams of this request; a 400 naming the field when a value is out of range."""
         optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed")
@@ -114,7 +115,7 @@ class GenerationRequest(_Model):
                 n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens, logit_bias=self.token_logit_bias(),
-                include_stop_str_in_output=self.include_stop_str_in_output, **kwargs,
+                include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs, **kwargs,
             )
         except ValueError as e:
             raise from_value_error(e, _PARAM_NAMES) from None
@@ -137,8 +138,6 @@ class CompletionRequest(GenerationRequest):
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request(f"best_of must equal n ({self.n}) when given: choosing the best of several "
                               f"completions is not supported, got {self.best_of}", param="best_of")
-        if self.echo:
-            raise bad_request("echo is not supported yet", param="echo")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of this request: one text or token-id list, or a batch of them."""

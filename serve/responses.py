@@ -53,6 +53,13 @@ class LogprobFormatter:
             "text_offset": offsets,
         }
 
+    def prompt(self, token_ids: list[int], logprobs: list[dict[int, float] | None]) -> dict[str, Any]:
+        """An echoed prompt in the completions format; the first token has no log-probability (null)."""
+        first = self.token(token_ids[0])
+        rest = self.completion(token_ids[1:], logprobs[1:], len(first))
+        return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
     def chat(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> dict[str, Any]:
         """The chat format: one object per token with its bytes and its top alternatives."""
 
@@ -64,6 +71,11 @@ class LogprobFormatter:
             {**item(t, entry[t]), "top_logprobs": [item(alt, lp) for alt, lp in self._top(entry)]}
             for t, entry in zip(token_ids, logprobs)
         ]}
+
+
+def concat_logprobs(first: dict[str, list], then: dict[str, list]) -> dict[str, list]:
+    """Two completions-format logprobs objects one after the other (an echoed prompt, then the completion)."""
+    return {key: first[key] + then[key] for key in first}
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from jpaged.models.params import build_model
 from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
+from jpaged.runner.prompt_logprobs import PromptLogprobs
+from jpaged.runner.prompt_logprobs import entries as prompt_entries
 from jpaged.sampling_params import SamplingParams
 from pallas_kernels import cpu_build
 
@@ -64,6 +66,10 @@ class _Tracked:
     params: SamplingParams
     completions: list[_Completion]
     output_kind: RequestOutputKind
+    # With SamplingParams.prompt_logprobs: one entry per prompt position, None for the first (nothing
+    # predicts it); filled by position, so a recomputed (preempted) or n > 1 prefill rewrites equal values.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    sent_prompt_logprobs: bool = False  # a DELTA output carried them
 
 
 class LLMEngine:
@@ -191,7 +197,8 @@ class LLMEngine:
         check_token_ids(ids, params, self.model_config.vocab_size)
         self.scheduler.check_fits(len(ids), params.max_tokens)
         arrival = time.monotonic()
-        tracked = _Tracked(req_id, text, ids, params, [], output_kind)
+        tracked = _Tracked(req_id, text, ids, params, [], output_kind,
+                           prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(ids))
         for i in range(params.n):
             seed = self._child_seed(params.seed, i)
             sched_id = req_id if params.n == 1 else f"{req_id}#{i}"
@@ -232,7 +239,9 @@ class LLMEngine:
         if not plan.chunks:
             return []
         batch = build_batch(plan.chunks, self.runner.spec)
-        result = self.runner.step(batch)
+        result, prompt_result = self.runner.step(batch)
+        if prompt_result is not None:
+            self._store_prompt_logprobs(plan.chunks, batch.prompt_targets, prompt_result)
         self._num_real_tokens += plan.num_tokens
         self._num_padded_tokens += len(batch.token_ids)
         finished = {f.req_id: f.status for f in self.scheduler.update_from_output(
@@ -268,10 +277,27 @@ class LLMEngine:
                 del self._tracked[tracked.req_id]
             elif tracked.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            completions = (self._deltas(tracked) if tracked.output_kind is RequestOutputKind.DELTA
-                           else [self._cumulative(c) for c in tracked.completions])
-            outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished))
+            prompt_logprobs = tracked.prompt_logprobs
+            if tracked.output_kind is RequestOutputKind.DELTA:
+                completions = self._deltas(tracked)
+                prompt_logprobs = None if tracked.sent_prompt_logprobs else prompt_logprobs
+                tracked.sent_prompt_logprobs = True
+            else:
+                completions = [self._cumulative(c) for c in tracked.completions]
+            outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished,
+                                         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs)))
         return outputs
+
+    def _store_prompt_logprobs(self, chunks, targets: np.ndarray, out: PromptLogprobs) -> None:
+        offset = 0
+        for chunk in chunks:
+            n, k = len(chunk.token_ids), chunk.params.prompt_logprobs
+            owner = self._owner.get(chunk.req_id)
+            if k is not None and owner is not None:
+                found = prompt_entries(out, targets, offset, n, k)
+                # Flat tokens start.. predict prompt positions start + 1..
+                owner[0].prompt_logprobs[chunk.start + 1 : chunk.start + 1 + len(found)] = found
+            offset += n
 
     @staticmethod
     def _visible_text(c: _Completion) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 from jpaged.core.scheduler import ScheduledChunk
 from jpaged.models.attention import AttentionMetadata
 from jpaged.runner.buckets import pick_bucket
+from jpaged.runner.prompt_logprobs import prompt_targets
 from jpaged.runner.sampler import SamplingArrays
 from jpaged.sampling_params import MAX_LOGIT_BIAS
 
@@ -24,6 +25,9 @@ class BatchInputs:
     meta: AttentionMetadata
     logits_indices: np.ndarray  # int32 [B] flat index of each sequence's last token this step
     sampling: SamplingArrays
+    # int32 [T_max] (the largest T bucket, so one program reads it): the prompt token after each
+    # token of the step where its request asks for prompt logprobs; else -1 (padding too).
+    prompt_targets: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,7 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
             bias_ids=bias_ids,
             bias_values=bias_values,
         ),
+        prompt_targets=prompt_targets(chunks, spec.token_buckets[-1]),
     )
 
 
@@ -148,4 +153,5 @@ def dummy_batch(spec: BucketSpec, t_pad: int, b_pad: int, p_pad: int) -> BatchIn
             num_logprobs=np.full(b_pad, -1, np.int32),
             bias_ids=np.zeros((b_pad, MAX_LOGIT_BIAS), np.int32), bias_values=np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32),
         ),
+        prompt_targets=np.full(spec.token_buckets[-1], -1, np.int32),
     )

@@ -443,6 +443,47 @@ def test_stop_string_kept_and_continuous_usage(client, reference):
     assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
 
 
+def test_echo_gives_the_prompt_and_its_logprobs(server, client, default_llm):
+    """lm-eval's local-completions scoring: echo, logprobs 1, max_tokens 0 (and 1), text and token-id prompts."""
+    tokenizer = default_llm.get_tokenizer()
+    prompt = PROMPTS[2]
+    ids = tokenizer.encode(prompt)
+    offline = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                                   use_tqdm=False)[0]
+    ref_lp = [None] + [entry[t] for t, entry in zip(ids[1:], offline.prompt_logprobs[1:])]
+    ref_tokens = [tokenizer.decode([t]) for t in ids]
+    for p in (prompt, ids):
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=0, echo=True, logprobs=1, temperature=0)
+        c = r.choices[0]
+        assert c.text == prompt and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+        assert c.logprobs.tokens == ref_tokens
+        assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(ref_lp[1:], abs=1e-5)
+        assert c.logprobs.text_offset == [len("".join(ref_tokens[:i])) for i in range(len(ids))]
+        assert all(len(top) <= 2 and tok in top for tok, top in zip(c.logprobs.tokens[1:], c.logprobs.top_logprobs[1:]))
+    # With a completion: prompt + completion in the text and in every logprobs list.
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    c = r.choices[0]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=1, temperature=0).choices[0]
+    assert c.text == prompt + plain.text and r.usage.completion_tokens == 3
+    assert c.logprobs.tokens == ref_tokens + plain.logprobs.tokens
+    assert c.logprobs.token_logprobs[len(ids):] == plain.logprobs.token_logprobs
+    assert c.logprobs.text_offset[len(ids):] == [len(prompt) + o for o in plain.logprobs.text_offset]
+    # Without logprobs: only the text.
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, temperature=0)
+    assert r.choices[0].text == prompt + plain.text and r.choices[0].logprobs is None
+    # Streamed: the prompt (with its logprobs) in the first chunk of the choice, then the completion.
+    for max_tokens in (0, 3):
+        chunks = [ch for ch in client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True,
+                                                         logprobs=1, temperature=0, stream=True) if ch.choices]
+        first = chunks[0].choices[0]
+        assert first.text == prompt and first.logprobs.token_logprobs[1:] == pytest.approx(ref_lp[1:], abs=1e-5)
+        assert "".join(ch.choices[0].text for ch in chunks) == prompt + (plain.text if max_tokens else "")
+        assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):  # max_tokens 0 only scores with echo
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
 def test_start_up_and_busy_log_lines(server):
     log = server.log()
     assert "KV cache capacity 4096 tokens" in log and "warm-up" in log and f"ready on {server.url}" in log
