@@ -37,3 +37,4 @@ class RequestOutput:
     # the top alternatives given the tokens before it; None for the first token. A DELTA stream carries
     # it in its first output only.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (of the first of n sequences)

@@ -68,6 +68,9 @@ class Generation:
             for task in tasks:
                 task.cancel()
 
+    def usage(self, num_completion_tokens: int) -> dict:
+        return R.usage(self.num_prompt_tokens, num_completion_tokens, sum(s.num_cached_tokens for s in self.streams))
+
     def _keep_prompt_logprobs(self, i: int, out) -> None:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs[i] = out.prompt_logprobs
@@ -92,13 +95,13 @@ class Echo:
         return self.prompt_texts[i], fmt.prompt(gen.streams[i].prompt_token_ids, gen.prompt_logprobs[i])
 
 
-def _check_model(app: web.Application, model: str | None) -> None:
+def check_model(app: web.Application, model: str | None) -> None:
     name = app[STATE].model_name
     if model is not None and model != name:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-async def _start(app: web.Application, kind: str, prompts: list, params: SamplingParams) -> tuple[str, Generation]:
+async def start(app: web.Application, kind: str, prompts: list, params: SamplingParams) -> tuple[str, Generation]:
     """Queues one engine request per prompt: 429 when the queue is full, 400 when the engine refuses one."""
     engine, settings = app[ENGINE], app[SETTINGS]
     if engine.is_dead:
@@ -138,7 +141,7 @@ class _Choice:
     finish_reason: str | None = None
 
 
-async def _collect(gen: Generation) -> dict[int, _Choice]:
+async def collect(gen: Generation) -> dict[int, _Choice]:
     choices: dict[int, _Choice] = {}
     async for c in gen.deltas():
         choice = choices.setdefault(c.index, _Choice())
@@ -149,7 +152,7 @@ async def _collect(gen: Generation) -> dict[int, _Choice]:
     return choices
 
 
-async def _event_stream(request: web.Request) -> web.StreamResponse:
+async def event_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     return response
@@ -164,7 +167,7 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
     try:
         if not req.stream:
             try:
-                choices = await _collect(gen)
+                choices = await collect(gen)
             except EngineDeadError as e:
                 raise APIError(500, str(e), code="engine_dead") from None
             make_choice = R.chat_choice if chat else R.completion_choice
@@ -182,9 +185,9 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
                 out.append(make_choice(index, prefix + text, c.finish_reason, lp))
             num_completion = sum(len(c.token_ids) for c in choices.values())
             return web.json_response(R.body(response_id, obj, created, model, out,
-                                            usage=R.usage(gen.num_prompt_tokens, num_completion)))
+                                            usage=gen.usage(num_completion)))
 
-        response = await _event_stream(request)
+        response = await event_stream(request)
         extra = {"usage": None} if req.include_usage else {}
         if chat:  # the role first, as OpenAI does
             first = [R.chat_delta(i, {"role": "assistant", "content": ""}, None, None)
@@ -203,7 +206,7 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
                     c = dataclasses.replace(c, text="", token_ids=[], logprobs=None)
                 num_completion += len(c.token_ids)
                 if req.continuous_usage:
-                    extra = {"usage": R.usage(gen.num_prompt_tokens, num_completion)}
+                    extra = {"usage": gen.usage(num_completion)}
                 lp = None
                 if fmt is not None and c.token_ids:
                     if chat:
@@ -225,7 +228,7 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
             await response.write(R.sse(APIError(500, str(e), code="engine_dead").body()))
         if req.include_usage:
             await response.write(R.sse(R.body(response_id, obj, created, model, [],
-                                              usage=R.usage(gen.num_prompt_tokens, num_completion))))
+                                              usage=gen.usage(num_completion))))
         await response.write(R.SSE_DONE)
         await response.write_eof()
         return response
@@ -236,7 +239,7 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
 async def create_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = parse(CompletionRequest, await read_json_object(request))
-    _check_model(app, req.model)
+    check_model(app, req.model)
     req.check_fields(app[SETTINGS].max_n)
     check_num_logprobs(req.logprobs, app[SETTINGS].max_logprobs, "logprobs")
     prompts = req.prompts()
@@ -249,7 +252,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         max_tokens = max_tokens or 1
     params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs,
                                  prompt_logprobs=req.logprobs if req.echo else None)
-    response_id, gen = await _start(app, "cmpl", prompts, params)
+    response_id, gen = await start(app, "cmpl", prompts, params)
     fmt = None if req.logprobs is None else R.LogprobFormatter(tokenizer, req.logprobs,
                                                                as_token_ids=req.return_tokens_as_token_ids)
     return await _respond(request, req, gen, "completion", response_id, fmt, echo)
@@ -275,7 +278,7 @@ def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_promp
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = parse(ChatCompletionRequest, await read_json_object(request))
-    _check_model(app, req.model)
+    check_model(app, req.model)
     req.check_fields(app[SETTINGS].max_n)
     check_num_logprobs(req.top_logprobs, app[SETTINGS].max_logprobs, "top_logprobs")
     engine = app[ENGINE]
@@ -290,7 +293,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 param="messages", code="context_length_exceeded")
     num_logprobs = req.num_logprobs
     params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs)
-    response_id, gen = await _start(app, "chatcmpl", [ids], params)
+    response_id, gen = await start(app, "chatcmpl", [ids], params)
     fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs,
                                                                as_token_ids=req.return_tokens_as_token_ids)
     return await _respond(request, req, gen, "chat", response_id, fmt)

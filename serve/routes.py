@@ -10,6 +10,7 @@ from serve.errors import APIError, bad_request, parse, read_json_object
 from serve.metrics import METRICS
 from serve.openai_routes import apply_chat_template, create_chat_completion, create_completion
 from serve.protocol import DetokenizeRequest, TokenizeRequest
+from serve.responses_api import create_response
 
 # Paths anyone may call, with or without the API key.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
@@ -89,6 +90,7 @@ async def detokenize(request: web.Request) -> web.Response:
 ROUTES = [
     web.post("/v1/completions", create_completion),
     web.post("/v1/chat/completions", create_chat_completion),
+    web.post("/v1/responses", create_response),
     web.get("/v1/models", list_models),
     web.get("/v1/models/{model}", retrieve_model),
     web.get("/health", health),

@@ -134,6 +134,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             req.num_computed_tokens += num_hit_tokens
+            if not req.num_preemptions:
+                req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chunks.append(self._chunk(req, n))

@@ -70,6 +70,7 @@ class _Tracked:
     # predicts it); filled by position, so a recomputed (preempted) or n > 1 prefill rewrites equal values.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     sent_prompt_logprobs: bool = False  # a DELTA output carried them
+    num_cached_tokens: int = 0  # of its first sequence, read when that one finishes its prefill
 
 
 class LLMEngine:
@@ -244,6 +245,11 @@ class LLMEngine:
             self._store_prompt_logprobs(plan.chunks, batch.prompt_targets, prompt_result)
         self._num_real_tokens += plan.num_tokens
         self._num_padded_tokens += len(batch.token_ids)
+        for chunk in plan.chunks:  # before update_from_output, which forgets finished requests
+            if chunk.samples and chunk.sample_index == 0 and chunk.req_id in self._owner:
+                tracked, completion = self._owner[chunk.req_id]
+                if completion.index == 0:
+                    tracked.num_cached_tokens = self.scheduler.requests[chunk.req_id].num_cached_tokens
         finished = {f.req_id: f.status for f in self.scheduler.update_from_output(
             plan, result.token_ids[: len(plan.chunks)], self.eos_token_ids)}
 
@@ -285,7 +291,8 @@ class LLMEngine:
             else:
                 completions = [self._cumulative(c) for c in tracked.completions]
             outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished,
-                                         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs)))
+                                         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
+                                         num_cached_tokens=tracked.num_cached_tokens))
         return outputs
 
     def _store_prompt_logprobs(self, chunks, targets: np.ndarray, out: PromptLogprobs) -> None:

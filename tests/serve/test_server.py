@@ -107,6 +107,16 @@ def test_usage_counts_prompt_tokens(client, server, default_llm):
     assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
 
 
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client, default_llm):
+    prompt = "A list of the planets of the solar system, from the closest to the sun to the farthest: " * 2
+    num_prompt = len(default_llm.get_tokenizer().encode(prompt))
+    first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0).usage
+                    for _ in range(2))
+    assert first.prompt_tokens_details.cached_tokens == 0
+    # Full 16-token blocks of the prompt, the last token always computed (its logits pick the next one).
+    assert again.prompt_tokens_details.cached_tokens == (num_prompt - 1) // 16 * 16 > 0
+
+
 def test_sixteen_concurrent_requests_equal_alone(client, reference):
     # Every mode at once: completions and chat, streamed and not, 4 prompts each.
     jobs = [(kind, i, stream) for kind in ("completion", "chat") for stream in (False, True) for i in range(4)]
@@ -482,6 +492,29 @@ def test_echo_gives_the_prompt_and_its_logprobs(server, client, default_llm):
         assert chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError):  # max_tokens 0 only scores with echo
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
+def test_responses_api_streamed_and_not(client, reference):
+    """The Responses API: the same greedy text as chat, streamed with its typed events; state refused."""
+    text, num_tokens, _ = reference["chat", 0]
+    r = client.responses.create(model=MODEL, input=QUESTIONS[0], max_output_tokens=MAX_TOKENS, temperature=0)
+    assert (r.object, r.output_text, r.usage.output_tokens) == ("response", text, num_tokens)
+    assert r.status == ("incomplete" if num_tokens == MAX_TOKENS else "completed")
+    r = client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": QUESTIONS[0]}]}], max_output_tokens=MAX_TOKENS, temperature=0)
+    assert r.output_text == text
+    events = list(client.responses.create(model=MODEL, input=QUESTIONS[0], max_output_tokens=MAX_TOKENS,
+                                          temperature=0, stream=True))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert events[-1].response.output_text == text and events[-1].response.usage.output_tokens == num_tokens
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
+    assert e.value.param == "previous_response_id"
 
 
 def test_start_up_and_busy_log_lines(server):
