@@ -9,11 +9,12 @@ from serve.config import ENGINE, STATE
 from serve.errors import APIError, bad_request, parse, read_json_object
 from serve.metrics import METRICS
 from serve.openai_routes import apply_chat_template, create_chat_completion, create_completion
-from serve.protocol import DetokenizeRequest, TokenizeRequest
-from serve.responses_api import create_response
+from serve.openapi import build_schema
+from serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from serve.responses_api import ResponsesRequest, create_response
 
 # Paths anyone may call, with or without the API key.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
 
 
 def _model_object(request: web.Request) -> dict:
@@ -87,6 +88,11 @@ async def detokenize(request: web.Request) -> web.Response:
     return web.json_response({"prompt": tokenizer.decode(req.tokens)})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """This API's OpenAPI document."""
+    return web.json_response(OPENAPI)
+
+
 ROUTES = [
     web.post("/v1/completions", create_completion),
     web.post("/v1/chat/completions", create_chat_completion),
@@ -98,4 +104,9 @@ ROUTES = [
     web.get("/version", version),
     web.post("/tokenize", tokenize),
     web.post("/detokenize", detokenize),
+    web.get("/openapi.json", openapi),
 ]
+# The JSON body each POST handler parses.
+BODIES = {create_completion: CompletionRequest, create_chat_completion: ChatCompletionRequest,
+          create_response: ResponsesRequest, tokenize: TokenizeRequest, detokenize: DetokenizeRequest}
+OPENAPI = build_schema(ROUTES, BODIES)

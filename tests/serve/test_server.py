@@ -6,6 +6,7 @@ each prompt alone), so a streaming, batching or abort bug shows up as different 
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import time
@@ -515,6 +516,46 @@ def test_responses_api_streamed_and_not(client, reference):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
     assert e.value.param == "previous_response_id"
+
+
+def test_openapi_schema_describes_every_route_and_a_fuzz_finds_no_5xx(server, client):
+    """/openapi.json lists the served routes with their body schemas; every field of every body, given values
+    of each JSON type, gets an answer below 500, and the server is idle and answering afterwards."""
+    status, _, raw = server.request("GET", "/openapi.json")
+    schema = json.loads(raw)
+    assert status == 200 and schema["openapi"].startswith("3.")
+    paths = schema["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{model}",
+            "/tokenize", "/detokenize", "/health", "/openapi.json"} <= set(paths)
+    for path, ops in paths.items():  # every described route exists (no 404 / 405)
+        for method in ops:
+            body = None if method == "get" else b"{}"
+            got = server.request(method.upper(), path.replace("{model}", MODEL), body)[0]
+            assert got in (200, 400), (method, path, got)
+    defs = schema["components"]["schemas"]
+    assert {"echo", "logit_bias", "suffix", "best_of", "seed"} <= set(defs["CompletionRequest"]["properties"])
+    bases = {"/v1/completions": {"prompt": "a", "max_tokens": 1},
+             "/v1/chat/completions": {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1},
+             "/v1/responses": {"input": "a", "max_output_tokens": 1}, "/tokenize": {"prompt": "a"},
+             "/detokenize": {"tokens": [1]}}
+    jobs = []
+    for path, base in bases.items():
+        ref = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        for field in defs[ref.rsplit("/", 1)[1]]["properties"]:
+            for value in (-1, 2**70, 0.5, "x", [1], {"a": 1}):  # mostly wrong: a few generations only
+                jobs.append((path, {**base, field: value}))
+
+    def send(job):
+        return job, server.request("POST", job[0], job[1])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(send, jobs))
+    assert not [(job, s) for job, s in statuses if s >= 500]
+    assert {s for _, s in statuses} <= {200, 400, 404, 413, 429}
+    idle = _wait_idle(server)
+    assert idle["jpaged:num_requests_running"] == 0 and idle["jpaged:kv_cache_usage_perc"] == 0
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    print(f"schema fuzz: {len(jobs)} requests, statuses {collections.Counter(s for _, s in statuses)}")
 
 
 def test_start_up_and_busy_log_lines(server):
