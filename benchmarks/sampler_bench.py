@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.runner.sampler import SamplingArrays, sample
+from jpaged.sampling_params import MAX_LOGIT_BIAS
 
 SETTINGS = {
     "greedy": {},
@@ -37,7 +38,9 @@ def arrays(batch: int, history_len: int = 512, vocab_size: int = 49152, **values
     fields = {k: np.full(batch, v, dtypes.get(k, np.float32)) for k, v in base.items()}
     return SamplingArrays(**fields, seeds=np.arange(batch, dtype=np.uint32), sample_index=np.zeros(batch, np.int32),
                           history=np.full((batch, history_len), -1, np.int32), prompt_lens=np.zeros(batch, np.int32),
-                          token_bitmask=np.full((batch, -(-vocab_size // 32)), -1, np.int32))
+                          token_bitmask=np.full((batch, -(-vocab_size // 32)), -1, np.int32),
+                          bias_ids=np.zeros((batch, MAX_LOGIT_BIAS), np.int32),
+                          bias_values=np.zeros((batch, MAX_LOGIT_BIAS), np.float32))
 
 
 def baseline(logits, s: SamplingArrays):

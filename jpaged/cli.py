@@ -130,8 +130,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(  # bad values fail before the model loads
         engine=EngineConfig(model=args.model, **_engine_kwargs(args)), host=args.host, port=args.port,
         api_key=args.api_key, served_model_name=args.served_model_name,
-        max_queued_requests=args.max_queued_requests, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-        tool_call_parser=args.tool_call_parser,
+        max_queued_requests=args.max_queued_requests, max_n=args.max_n, max_logprobs=args.max_logprobs,
+        max_body_bytes=args.max_body_bytes, tool_call_parser=args.tool_call_parser,
         drain_timeout_s=args.drain_timeout, log_interval_s=args.log_interval,
     )
     run_server(settings)
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=8, help="largest n (completions per prompt) of a request")
     p.add_argument("--tool-call-parser", default="hermes", choices=("hermes", "llama3_json"),
                    help="how tool calls are read from a reply under tool_choice 'auto'")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="most log-probability alternatives a request may ask for (0..20)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-interval", type=float, default=5.0, help="seconds between status lines while busy")

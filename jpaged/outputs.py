@@ -33,3 +33,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # With SamplingParams.prompt_logprobs: per prompt token, {token_id: logprob} for the prompt's token and
+    # the top alternatives given the tokens before it; None for the first token. A DELTA stream carries
+    # it in its first output only.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (of the first of n sequences)

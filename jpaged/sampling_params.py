@@ -7,6 +7,8 @@ import math
 
 from jpaged.structured.params import StructuredOutputs
 
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request: the width of the sampler's per-row bias arrays
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -29,25 +31,36 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """> 0; logits of tokens seen in prompt or output are divided (if positive) or multiplied by it; 1 = off."""
     seed: int | None = None
-    """Random seed of this request, in [0, 2**32); None draws one from the engine's generator."""
+    """Random seed of this request, any int64 (as OpenAI and vLLM accept); the engine reduces it to the
+    device's 32-bit stream deterministically. None draws one from the engine's generator."""
     max_tokens: int = 16
     """Most tokens to generate, >= 1."""
     min_tokens: int = 0
     """End-of-sequence and stop tokens are not honoured before this many tokens, >= 0."""
     stop: tuple[str, ...] = ()
     """Strings that end the output; the match is not included in the text."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string that ended the output at the end of the text (vLLM's extension)."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end the output (the token is kept in token_ids)."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens."""
     logprobs: int | None = None
     """Return the log-probability of each sampled token and of the top `logprobs` alternatives (0..20)."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of each prompt token (after the first) given the ones before it, and of
+    the top `prompt_logprobs` alternatives (0..20), as vLLM. Such a request skips the prefix cache: a cached
+    block's tokens would have no logits."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
     structured_outputs: StructuredOutputs | None = None
     """A constraint on the output (JSON schema, regex, choice, grammar, any JSON object), enforced
     by a token mask on every step; a dict is taken as StructuredOutputs' keywords. The output ends
     with finish_reason "stop" when the constraint is complete, "length" if max_tokens comes first."""
+    logit_bias: dict[int, float] | None = None
+    """{token id: bias in [-100, 100]} added to the raw logits before anything else (at most
+    MAX_LOGIT_BIAS entries): +100 all but forces a token, -100 all but bans it. Ids are checked
+    against the vocabulary when the request is added."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -78,7 +91,8 @@ class SamplingParams:
         check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
         check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
         check(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "> 0")
-        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**32), "seed", "an integer in [0, 2**32) or None")
+        check(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
+              "an integer in [-2**63, 2**63) or None")
         check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
         check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               "an integer in [0, max_tokens]")
@@ -86,6 +100,15 @@ class SamplingParams:
         check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "non-negative token ids")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
               "None or an integer in [0, 20]")
+        check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "None or an integer in [0, 20]")
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            check(isinstance(bias, dict) and all(is_int(t) and t >= 0 for t in bias), "logit_bias",
+                  "a dict of non-negative token ids to biases")
+            check(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+            check(all(is_num(v) and -100 <= v <= 100 for v in bias.values()), "logit_bias", "biases in [-100, 100]")
+            object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in bias.items()})
 
     @property
     def is_greedy(self) -> bool:

@@ -28,6 +28,9 @@ class ServerSettings:
     """Sequences that may wait for a place in the batch; beyond that, requests get 429."""
     max_n: int = 8
     """Largest `n` (completions per prompt) a request may ask for."""
+    max_logprobs: int = 20
+    """Most log-probability alternatives (logprobs, top_logprobs) a request may ask for; at most 20, the
+    width the sampler computes every step."""
     max_body_bytes: int = 1 << 20
     """Largest request body; larger ones get 413."""
     drain_timeout_s: float = 30.0
@@ -46,6 +49,7 @@ class ServerSettings:
         check(self.api_key is None or len(self.api_key) > 0, "api_key", "non-empty")
         check(self.max_queued_requests >= 0, "max_queued_requests", ">= 0")
         check(self.max_n >= 1, "max_n", ">= 1")
+        check(0 <= self.max_logprobs <= 20, "max_logprobs", "in [0, 20]")
         check(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024")
         check(self.drain_timeout_s >= 0, "drain_timeout_s", ">= 0")
         check(self.log_interval_s > 0, "log_interval_s", "> 0")

@@ -23,6 +23,7 @@ _TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -86,8 +87,18 @@ def from_validation_error(error: pydantic.ValidationError) -> APIError:
     return bad_request(message, param=loc or None)
 
 
+def _is_json_type(content_type: str) -> bool:
+    # No Content-Type header reads as aiohttp's default, application/octet-stream: accepted, as
+    # OpenAI does; a form or text body is a client that did not mean to send JSON.
+    return (content_type in ("application/json", "application/octet-stream")
+            or (content_type.startswith("application/") and content_type.endswith("+json")))
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 (413 from aiohttp when it is too large)."""
+    """The request body as a JSON object, or a 400 (413 from aiohttp when it is too large, 415 when the
+    Content-Type is not JSON)."""
+    if not _is_json_type(request.content_type):
+        raise APIError(415, f"Unsupported Content-Type {request.content_type!r}: send the body as application/json")
     raw = await request.read()
     try:
         body = json.loads(raw)

@@ -19,7 +19,7 @@ from jpaged import CompletionOutput, EngineDeadError, RequestStream, SamplingPar
 from serve import responses as R
 from serve.config import ENGINE, SETTINGS, STATE
 from serve.errors import APIError, bad_request, from_value_error, parse, read_json_object
-from serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, check_num_logprobs
 from serve import tools as T
 
 
@@ -49,11 +49,15 @@ class Generation:
         self.streams = streams
         self.n = n
         self.num_prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
+        # Per stream, its prompt's log-probabilities once they arrive (with its first output, before
+        # any delta of it is yielded) when SamplingParams.prompt_logprobs asked for them.
+        self.prompt_logprobs: list[list | None] = [None] * len(streams)
 
     async def deltas(self) -> AsyncIterator[CompletionOutput]:
         """Completion deltas whose `index` is the choice index, in the order the engine made them."""
         if len(self.streams) == 1:
             async for out in self.streams[0]:
+                self._keep_prompt_logprobs(0, out)
                 for c in out.outputs:
                     yield c
             return
@@ -62,6 +66,7 @@ class Generation:
         async def pump(i: int, stream: RequestStream) -> None:
             try:
                 async for out in stream:
+                    self._keep_prompt_logprobs(i, out)
                     for c in out.outputs:
                         await queue.put((dataclasses.replace(c, index=i * self.n + c.index), None))
             except Exception as e:  # noqa: BLE001 - handed to the reader
@@ -83,18 +88,40 @@ class Generation:
             for task in tasks:
                 task.cancel()
 
+    def usage(self, num_completion_tokens: int) -> dict:
+        return R.usage(self.num_prompt_tokens, num_completion_tokens, sum(s.num_cached_tokens for s in self.streams))
+
+    def _keep_prompt_logprobs(self, i: int, out) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = out.prompt_logprobs
+
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
 
 
-def _check_model(app: web.Application, model: str | None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Echo:
+    """completions `echo`: each choice starts with its prompt (and the prompt's log-probabilities)."""
+
+    prompt_texts: list[str]  # per prompt
+    scoring: bool  # max_tokens 0: the prompt only; the one token generated to get there is dropped
+
+    def prefix(self, gen: Generation, index: int, fmt: R.LogprobFormatter | None) -> tuple[str, dict | None]:
+        """The prompt's text and logprobs (None for its first token) of choice `index`."""
+        i = index // gen.n
+        if fmt is None:
+            return self.prompt_texts[i], None
+        return self.prompt_texts[i], fmt.prompt(gen.streams[i].prompt_token_ids, gen.prompt_logprobs[i])
+
+
+def check_model(app: web.Application, model: str | None) -> None:
     name = app[STATE].model_name
     if model is not None and model != name:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-async def _start(app: web.Application, kind: str, prompts: list, params: SamplingParams) -> tuple[str, Generation]:
+async def start(app: web.Application, kind: str, prompts: list, params: SamplingParams) -> tuple[str, Generation]:
     """Queues one engine request per prompt: 429 when the queue is full, 400 when the engine refuses one."""
     engine, settings = app[ENGINE], app[SETTINGS]
     if engine.is_dead:
@@ -111,7 +138,7 @@ async def _start(app: web.Application, kind: str, prompts: list, params: Samplin
     except ValueError as e:
         for stream in streams:
             stream.close()
-        error = from_value_error(e)
+        error = from_value_error(e, ("stop_token_ids", "logit_bias"))
         if len(prompts) > 1:
             error.message = f"prompt {i}: {error.message}"
         raise error from None
@@ -134,7 +161,7 @@ class _Choice:
     finish_reason: str | None = None
 
 
-async def _collect(gen: Generation) -> dict[int, _Choice]:
+async def collect(gen: Generation) -> dict[int, _Choice]:
     choices: dict[int, _Choice] = {}
     async for c in gen.deltas():
         choice = choices.setdefault(c.index, _Choice())
@@ -145,14 +172,15 @@ async def _collect(gen: Generation) -> dict[int, _Choice]:
     return choices
 
 
-async def _event_stream(request: web.Request) -> web.StreamResponse:
+async def event_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     return response
 
 
 async def _respond(request: web.Request, req: GenerationRequest, gen: Generation, kind: str, response_id: str,
-                   fmt: R.LogprobFormatter | None, tools: ToolMode | None = None) -> web.StreamResponse:
+                   fmt: R.LogprobFormatter | None, echo: Echo | None = None,
+                   tools: ToolMode | None = None) -> web.StreamResponse:
     """The whole response, streamed or not; closes the generation whatever happens.
 
     With tools, a streamed reply is held until it ends: then one chunk carries either its text or
@@ -163,26 +191,31 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
     try:
         if not req.stream:
             try:
-                choices = await _collect(gen)
+                choices = await collect(gen)
             except EngineDeadError as e:
                 raise APIError(500, str(e), code="engine_dead") from None
             make_choice = R.chat_choice if chat else R.completion_choice
             out = []
+            if echo is not None and echo.scoring:
+                choices = {i: _Choice(finish_reason=c.finish_reason) for i, c in choices.items()}
             for index in sorted(choices):
                 c = choices[index]
-                lp = None
+                text, lp = "".join(c.text), None
+                prefix, prefix_lp = echo.prefix(gen, index, fmt) if echo is not None else ("", None)
                 if fmt is not None:
-                    lp = fmt.chat(c.token_ids, c.logprobs) if chat else fmt.completion(c.token_ids, c.logprobs, 0)
-                choice = make_choice(index, "".join(c.text), c.finish_reason, lp)
+                    lp = (fmt.chat(c.token_ids, c.logprobs) if chat
+                          else fmt.completion(c.token_ids, c.logprobs, len(prefix)))
+                    lp = R.concat_logprobs(prefix_lp, lp) if prefix_lp is not None else lp
+                choice = make_choice(index, prefix + text, c.finish_reason, lp)
                 if tools is not None:
-                    message, choice["finish_reason"] = tools.message("".join(c.text), c.finish_reason)
+                    message, choice["finish_reason"] = tools.message(text, c.finish_reason)
                     choice["message"].update(message)
                 out.append(choice)
             num_completion = sum(len(c.token_ids) for c in choices.values())
             return web.json_response(R.body(response_id, obj, created, model, out,
-                                            usage=R.usage(gen.num_prompt_tokens, num_completion)))
+                                            usage=gen.usage(num_completion)))
 
-        response = await _event_stream(request)
+        response = await event_stream(request)
         extra = {"usage": None} if req.include_usage else {}
         if chat:  # the role first, as OpenAI does
             first = [R.chat_delta(i, {"role": "assistant", "content": ""}, None, None)
@@ -191,7 +224,17 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
         num_completion, offsets, held = 0, {}, {}
         try:
             async for c in gen.deltas():
+                if echo is not None and c.index not in offsets:  # the prompt first, in a chunk of its own
+                    prefix, prefix_lp = echo.prefix(gen, c.index, fmt)
+                    offsets[c.index] = len(prefix)
+                    await response.write(R.sse(R.body(response_id, obj, created, model,
+                                                      [R.completion_choice(c.index, prefix, None, prefix_lp)],
+                                                      **extra)))
+                if echo is not None and echo.scoring:
+                    c = dataclasses.replace(c, text="", token_ids=[], logprobs=None)
                 num_completion += len(c.token_ids)
+                if req.continuous_usage:
+                    extra = {"usage": gen.usage(num_completion)}
                 if tools is not None:
                     held[c.index] = held.get(c.index, "") + c.text
                     if c.finish_reason is None:
@@ -223,7 +266,7 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
             await response.write(R.sse(APIError(500, str(e), code="engine_dead").body()))
         if req.include_usage:
             await response.write(R.sse(R.body(response_id, obj, created, model, [],
-                                              usage=R.usage(gen.num_prompt_tokens, num_completion))))
+                                              usage=gen.usage(num_completion))))
         await response.write(R.SSE_DONE)
         await response.write_eof()
         return response
@@ -234,23 +277,40 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
 async def create_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = parse(CompletionRequest, await read_json_object(request))
-    _check_model(app, req.model)
-    req.check_n(app[SETTINGS].max_n)
+    check_model(app, req.model)
+    req.check_fields(app[SETTINGS].max_n)
+    check_num_logprobs(req.logprobs, app[SETTINGS].max_logprobs, "logprobs")
     prompts = req.prompts()
-    params = req.sampling_params(max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs,
-                                 constraint=req.constraint())
-    response_id, gen = await _start(app, "cmpl", prompts, params)
-    fmt = None if req.logprobs is None else R.LogprobFormatter(app[ENGINE].tokenizer, req.logprobs)
-    return await _respond(request, req, gen, "completion", response_id, fmt)
+    tokenizer = app[ENGINE].tokenizer
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    echo = None
+    if req.echo:  # lm-eval's scoring: echo, logprobs and max_tokens 0
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) if tokenizer is not None else "" for p in prompts]
+        echo = Echo(texts, scoring=max_tokens == 0)
+        max_tokens = max_tokens or 1
+    params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs,
+                                 prompt_logprobs=req.logprobs if req.echo else None, constraint=req.constraint())
+    response_id, gen = await start(app, "cmpl", prompts, params)
+    fmt = None if req.logprobs is None else R.LogprobFormatter(tokenizer, req.logprobs,
+                                                               as_token_ids=req.return_tokens_as_token_ids)
+    return await _respond(request, req, gen, "completion", response_id, fmt, echo)
 
 
-def apply_chat_template(tokenizer, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ready for the assistant's turn.
+def apply_chat_template(tokenizer, messages: list[dict], functions: list[dict] | None = None, *,
+                        add_generation_prompt: bool = True, continue_final_message: bool = False,
+                        tools: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a conversation in the model's chat template, by default ready for the assistant's turn.
 
-    Tools (and tool calls / results in the history) go through the template when it renders
-    them, else through serve.tools' default tool prompt."""
+    Tools (function definitions, or OpenAI's `tools` list), and tool calls / results in the
+    history, go through the template when it renders them, else through serve.tools' default
+    tool prompt."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions", param="messages")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("add_generation_prompt and continue_final_message cannot both be true",
+                          param="continue_final_message")
+    if functions is None and tools:
+        functions = [t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
     kwargs = {}
     has_tool_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
     if functions or has_tool_history:
@@ -260,17 +320,19 @@ def apply_chat_template(tokenizer, messages: list[dict], functions: list[dict] |
         else:
             messages = T.default_tool_messages(messages, functions or [])
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
     except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
         raise bad_request(f"The chat template cannot format these messages: {e}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = parse(ChatCompletionRequest, await read_json_object(request))
-    _check_model(app, req.model)
-    req.check_n(app[SETTINGS].max_n)
+    check_model(app, req.model)
+    req.check_fields(app[SETTINGS].max_n)
+    check_num_logprobs(req.top_logprobs, app[SETTINGS].max_logprobs, "top_logprobs")
     engine = app[ENGINE]
     functions, tool_choice = T.check_tools(req.tools, req.tool_choice)
     constraint = req.constraint()
@@ -293,6 +355,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 param="messages", code="context_length_exceeded")
     num_logprobs = req.num_logprobs
     params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs, constraint=constraint)
-    response_id, gen = await _start(app, "chatcmpl", [ids], params)
-    fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs)
-    return await _respond(request, req, gen, "chat", response_id, fmt, tools)
+    response_id, gen = await start(app, "chatcmpl", [ids], params)
+    fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs,
+                                                               as_token_ids=req.return_tokens_as_token_ids)
+    return await _respond(request, req, gen, "chat", response_id, fmt, tools=tools)

@@ -2,7 +2,9 @@
 
 Types are checked strictly (a string is not a number); ranges are SamplingParams' to check, so
 the API and the offline engine accept exactly the same values. Unknown fields are kept in
-`model_extra` (logged and ignored by `errors.parse`).
+`model_extra` (logged and ignored by `errors.parse`). Every field OpenAI or vLLM defines that a
+client may send is declared here and either honoured or refused with a 400 naming it: a silently
+ignored field (an echo that does not echo) gives clients wrong answers without an error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
+
+
+# OpenAI's processing tiers; one server has one tier, so only the ones that ask for nothing are honoured.
+_SERVICE_TIERS = ("auto", "default")
 
 
 class GenerationRequest(_Model):
@@ -50,9 +57,17 @@ class GenerationRequest(_Model):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:<id>"
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id for the client's own tracking; it changes nothing here
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    use_beam_search: bool = False
     # vLLM's structured outputs: {json | regex | choice | grammar | json_object}, or the older guided_* fields.
     structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
@@ -79,7 +94,43 @@ class GenerationRequest(_Model):
                 sources.append((f"guided_{key}", {key: getattr(self, f"guided_{key}")}))
         return _one_constraint(sources)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    def check_fields(self, max_n: int) -> None:
+        """400 for values this server cannot honour, naming the field."""
+        if not 1 <= self.n <= max_n:
+            raise bad_request(f"n must be in [1, {max_n}], got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+        if self.use_beam_search:
+            raise bad_request("use_beam_search is not supported: beam search is not implemented",
+                              param="use_beam_search")
+        if self.service_tier is not None and self.service_tier not in _SERVICE_TIERS:
+            raise bad_request(f"service_tier must be one of {', '.join(_SERVICE_TIERS)} (this server has one tier), "
+                              f"got {self.service_tier!r}", param="service_tier")
+        if self.store:
+            raise bad_request("store is not supported: this server keeps no completions", param="store")
+        if self.metadata:
+            raise bad_request("metadata is only kept with store, which is not supported", param="metadata")
+        tools = getattr(self, "tools", None) or (self.model_extra or {}).get("tools")
+        if self.parallel_tool_calls is not None and not tools:
+            raise bad_request("parallel_tool_calls is only allowed when tools are given", param="parallel_tool_calls")
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer keys; a 400 for a key that is no token id."""
+        if self.logit_bias is None:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.lstrip("-").isdigit():
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            bias[int(key)] = value
+        return bias
+
     def sampling_params(self, *, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None,
                         constraint: StructuredOutputs | None = None) -> SamplingParams:
         """SamplingParams of this request; a 400 naming the field when a value is out of range."""
         optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -90,7 +141,9 @@ class GenerationRequest(_Model):
             return SamplingParams(
                 n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=self.skip_special_tokens, structured_outputs=constraint, **kwargs,
+                skip_special_tokens=self.skip_special_tokens, logit_bias=self.token_logit_bias(),
+                include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
+                structured_outputs=constraint, **kwargs,
             )
         except ValueError as e:
             raise from_value_error(e, _PARAM_NAMES) from None
@@ -110,6 +163,17 @@ class CompletionRequest(GenerationRequest):
     prompt: Any  # str | list[str] | list[int] | list[list[int]], checked by prompts()
     logprobs: int | None = None
     max_tokens: int | None = 16
+    suffix: str | None = None
+    best_of: int | None = None
+    echo: bool = False
+
+    def check_fields(self, max_n: int) -> None:
+        super().check_fields(max_n)
+        if self.suffix:
+            raise bad_request("suffix is not supported: the model has no fill-in-the-middle mode", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request(f"best_of must equal n ({self.n}) when given: choosing the best of several "
+                              f"completions is not supported, got {self.best_of}", param="best_of")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of this request: one text or token-id list, or a batch of them."""
@@ -214,13 +278,24 @@ class ChatCompletionRequest(GenerationRequest):
         return self.top_logprobs or 0
 
 
+def check_num_logprobs(num: int | None, max_logprobs: int, param: str) -> None:
+    """400 when a request asks for more alternatives than the server's --max-logprobs."""
+    if num is not None and not 0 <= num <= max_logprobs:
+        raise bad_request(f"{param} must be in [0, {max_logprobs}] (the server's --max-logprobs), got {num}",
+                          param=param)
+
+
 class TokenizeRequest(_Model):
-    """POST /tokenize: a prompt, or chat messages in the model's template."""
+    """POST /tokenize: a prompt, or chat messages in the model's template (vLLM's fields)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (the template has them)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None  # handed to the chat template
+    return_token_strs: bool = False
 
 
 class DetokenizeRequest(_Model):

@@ -14,20 +14,23 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: prompt tokens whose KV came from the prefix cache."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
 class LogprobFormatter:
     """Turns the engine's per-token {token_id: logprob} dicts into the two OpenAI formats."""
 
-    def __init__(self, tokenizer, num_top: int):
+    def __init__(self, tokenizer, num_top: int, *, as_token_ids: bool = False):
         self.tokenizer = tokenizer
         self.num_top = num_top
+        self.as_token_ids = as_token_ids  # vLLM's return_tokens_as_token_ids: "token_id:<id>" for every token
 
     def token(self, token_id: int) -> str:
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.as_token_ids:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -42,12 +45,22 @@ class LogprobFormatter:
             tokens.append(self.token(token_id))
             offsets.append(text_offset)
             text_offset += len(tokens[-1])
+        # As vLLM: each top_logprobs entry holds the sampled token besides the top alternatives, so
+        # `logprobs: 0` still names it (k + 1 entries when it is not among the top k).
         return {
             "tokens": tokens,
             "token_logprobs": [entry[t] for t, entry in zip(token_ids, logprobs)],
-            "top_logprobs": [{self.token(t): lp for t, lp in self._top(entry)} for entry in logprobs],
+            "top_logprobs": [{self.token(a): lp for a, lp in self._top(entry)} | {tok: entry[t]}
+                             for tok, t, entry in zip(tokens, token_ids, logprobs)],
             "text_offset": offsets,
         }
+
+    def prompt(self, token_ids: list[int], logprobs: list[dict[int, float] | None]) -> dict[str, Any]:
+        """An echoed prompt in the completions format; the first token has no log-probability (null)."""
+        first = self.token(token_ids[0])
+        rest = self.completion(token_ids[1:], logprobs[1:], len(first))
+        return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
 
     def chat(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> dict[str, Any]:
         """The chat format: one object per token with its bytes and its top alternatives."""
@@ -60,6 +73,11 @@ class LogprobFormatter:
             {**item(t, entry[t]), "top_logprobs": [item(alt, lp) for alt, lp in self._top(entry)]}
             for t, entry in zip(token_ids, logprobs)
         ]}
+
+
+def concat_logprobs(first: dict[str, list], then: dict[str, list]) -> dict[str, list]:
+    """Two completions-format logprobs objects one after the other (an echoed prompt, then the completion)."""
+    return {key: first[key] + then[key] for key in first}
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:

@@ -9,17 +9,29 @@ from serve.config import ENGINE, STATE
 from serve.errors import APIError, bad_request, parse, read_json_object
 from serve.metrics import METRICS
 from serve.openai_routes import apply_chat_template, create_chat_completion, create_completion
-from serve.protocol import DetokenizeRequest, TokenizeRequest
+from serve.openapi import build_schema
+from serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from serve.responses_api import ResponsesRequest, create_response
 
 # Paths anyone may call, with or without the API key.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
+
+
+def _model_object(request: web.Request) -> dict:
+    state, engine = request.app[STATE], request.app[ENGINE]
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "jpaged",
+            "root": state.model_name, "max_model_len": engine.max_model_len}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    state, engine = request.app[STATE], request.app[ENGINE]
-    model = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "jpaged",
-             "root": state.model_name, "max_model_len": engine.max_model_len}
-    return web.json_response({"object": "list", "data": [model]})
+    return web.json_response({"object": "list", "data": [_model_object(request)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    if model != request.app[STATE].model_name:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return web.json_response(_model_object(request))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -53,11 +65,17 @@ async def tokenize(request: web.Request) -> web.Response:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Give exactly one of 'prompt' and 'messages'", param="prompt")
     if req.prompt is not None:
-        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
-        ids = apply_chat_template(tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)])
+        ids = apply_chat_template(tokenizer, [m.as_template_input(i) for i, m in enumerate(req.messages)],
+                                  add_generation_prompt=req.add_generation_prompt,
+                                  continue_final_message=req.continue_final_message, tools=req.tools,
+                                  add_special_tokens=bool(req.add_special_tokens))
     engine = request.app[ENGINE]
-    return web.json_response({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
+    body = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+    if req.return_token_strs:
+        body["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+    return web.json_response(body)
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -70,13 +88,25 @@ async def detokenize(request: web.Request) -> web.Response:
     return web.json_response({"prompt": tokenizer.decode(req.tokens)})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """This API's OpenAPI document."""
+    return web.json_response(OPENAPI)
+
+
 ROUTES = [
     web.post("/v1/completions", create_completion),
     web.post("/v1/chat/completions", create_chat_completion),
+    web.post("/v1/responses", create_response),
     web.get("/v1/models", list_models),
+    web.get("/v1/models/{model}", retrieve_model),
     web.get("/health", health),
     web.get("/metrics", metrics),
     web.get("/version", version),
     web.post("/tokenize", tokenize),
     web.post("/detokenize", detokenize),
+    web.get("/openapi.json", openapi),
 ]
+# The JSON body each POST handler parses.
+BODIES = {create_completion: CompletionRequest, create_chat_completion: ChatCompletionRequest,
+          create_response: ResponsesRequest, tokenize: TokenizeRequest, detokenize: DetokenizeRequest}
+OPENAPI = build_schema(ROUTES, BODIES)

@@ -64,3 +64,16 @@ def test_prefill_logits_match_hf(default_llm, hf_model, prompt_ids):
     err = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     print(f"default model prefill logits: relative error {err:.2e}, max abs error {np.abs(ours - ref).max():.2e}")
     assert err < 1e-4
+
+
+def test_prompt_logprobs_match_hf(default_llm, hf_model, prompt_ids):
+    ids = prompt_ids[3]
+    out = default_llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2),
+                               use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0], -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry, row = out.prompt_logprobs[pos], ref[pos - 1]
+        assert set(entry) == set(np.argsort(-row)[:2].tolist()) | {ids[pos]}
+        np.testing.assert_allclose([entry[t] for t in entry], row[list(entry)], atol=2e-3)

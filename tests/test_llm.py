@@ -54,7 +54,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
 @pytest.mark.parametrize(
     "prompt, message",
     [([], "prompt 0: the prompt is empty"), (list(range(64)), "maximum context length is 64"),
-     ([1, 160], "outside"), (3.5, "must be a str")],
+     ([1, 160], "out of vocabulary"), (3.5, "must be a str")],
 )
 def test_bad_prompts_raise(tiny, prompt, message):
     with pytest.raises(ValueError, match=message):

@@ -36,6 +36,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied at its first admission
     block_hashes: list[BlockHash] = dataclasses.field(default_factory=list)  # of its full blocks, chained
     # prompt + output tokens in one preallocated buffer, so batches slice it without Python loops
     token_buf: np.ndarray = dataclasses.field(init=False, repr=False)

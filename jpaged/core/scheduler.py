@@ -126,12 +126,16 @@ class Scheduler:
         # Admit waiting requests only when nothing had to be preempted: memory is tight otherwise.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hits, num_hit_tokens = ([], 0) if req.num_computed_tokens else self.kv.get_computed_blocks(req)
+            # Prompt log-probabilities need every prompt token's logits: no cached prefix for those requests.
+            skip_cache = req.num_computed_tokens or req.sampling_params.prompt_logprobs is not None
+            hits, num_hit_tokens = ([], 0) if skip_cache else self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - req.num_computed_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break
             self.waiting.pop(0)
             req.num_computed_tokens += num_hit_tokens
+            if not req.num_preemptions:
+                req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chunks.append(self._chunk(req, n))

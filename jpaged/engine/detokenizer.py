@@ -13,10 +13,12 @@ _CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool, stop: tuple[str, ...]):
+    def __init__(self, tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool, stop: tuple[str, ...],
+                 include_stop: bool = False):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
+        self.include_stop = include_stop  # keep the stop string that ended the text
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -42,7 +44,7 @@ class IncrementalDetokenizer:
         for stop in self.stop:
             at = self.text.find(stop, search_from)
             if at != -1:
-                self.text = self.text[:at]
+                self.text = self.text[: at + len(stop) if self.include_stop else at]
                 self.stopped = True
                 return
 

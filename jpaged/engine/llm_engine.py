@@ -20,6 +20,7 @@ from jpaged.config import EngineConfig
 from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
+from jpaged.engine.request_checks import check_token_ids, device_seed
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
     model_config_file, resolve_model_folder, runtime_dtype, sampler_store,
@@ -31,6 +32,8 @@ from jpaged.models.params import build_model
 from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
+from jpaged.runner.prompt_logprobs import PromptLogprobs
+from jpaged.runner.prompt_logprobs import entries as prompt_entries
 from jpaged.sampling_params import SamplingParams
 from jpaged.structured import GrammarBackend, Matcher, make_backend
 from pallas_kernels import cpu_build
@@ -67,6 +70,11 @@ class _Tracked:
     params: SamplingParams
     completions: list[_Completion]
     output_kind: RequestOutputKind
+    # With SamplingParams.prompt_logprobs: one entry per prompt position, None for the first (nothing
+    # predicts it); filled by position, so a recomputed (preempted) or n > 1 prefill rewrites equal values.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    sent_prompt_logprobs: bool = False  # a DELTA output carried them
+    num_cached_tokens: int = 0  # of its first sequence, read when that one finishes its prefill
 
 
 class LLMEngine:
@@ -200,22 +208,21 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"the prompt has token ids outside [0, {vocab})")
+        check_token_ids(ids, params, self.model_config.vocab_size)
         self.scheduler.check_fits(len(ids), params.max_tokens)
         constraint = params.structured_outputs
         if constraint is not None:
             self.grammar_backend().matcher(constraint.key)  # compiles now: a bad grammar fails here, not mid-step
         arrival = time.monotonic()
-        tracked = _Tracked(req_id, text, ids, params, [], output_kind)
+        tracked = _Tracked(req_id, text, ids, params, [], output_kind,
+                           prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(ids))
         for i in range(params.n):
             seed = self._child_seed(params.seed, i)
             sched_id = req_id if params.n == 1 else f"{req_id}#{i}"
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
-                                               stop=params.stop)
+                                               stop=params.stop, include_stop=params.include_stop_str_in_output)
             completion = _Completion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None,
                                      matcher=None if constraint is None else self._grammars.matcher(constraint.key))
             tracked.completions.append(completion)
@@ -227,6 +234,7 @@ class LLMEngine:
     def _child_seed(self, seed: int | None, index: int) -> int:
         if seed is None:
             return int(self._rng.integers(2**31))
+        seed = device_seed(seed)
         return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
 
     def abort(self, req_id: str) -> None:
@@ -249,9 +257,16 @@ class LLMEngine:
         if not plan.chunks:
             return []
         batch = build_batch(plan.chunks, self.runner.spec)
-        result = self.runner.step(batch, self._bitmask_filler(plan))
+        result, prompt_result = self.runner.step(batch, self._bitmask_filler(plan))
+        if prompt_result is not None:
+            self._store_prompt_logprobs(plan.chunks, batch.prompt_targets, prompt_result)
         self._num_real_tokens += plan.num_tokens
         self._num_padded_tokens += len(batch.token_ids)
+        for chunk in plan.chunks:  # before update_from_output, which forgets finished requests
+            if chunk.samples and chunk.sample_index == 0 and chunk.req_id in self._owner:
+                tracked, completion = self._owner[chunk.req_id]
+                if completion.index == 0:
+                    tracked.num_cached_tokens = self.scheduler.requests[chunk.req_id].num_cached_tokens
         finished = {f.req_id: f.status for f in self.scheduler.update_from_output(
             plan, result.token_ids[: len(plan.chunks)], self.eos_token_ids)}
 
@@ -287,9 +302,16 @@ class LLMEngine:
                 del self._tracked[tracked.req_id]
             elif tracked.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            completions = (self._deltas(tracked) if tracked.output_kind is RequestOutputKind.DELTA
-                           else [self._cumulative(c) for c in tracked.completions])
-            outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished))
+            prompt_logprobs = tracked.prompt_logprobs
+            if tracked.output_kind is RequestOutputKind.DELTA:
+                completions = self._deltas(tracked)
+                prompt_logprobs = None if tracked.sent_prompt_logprobs else prompt_logprobs
+                tracked.sent_prompt_logprobs = True
+            else:
+                completions = [self._cumulative(c) for c in tracked.completions]
+            outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished,
+                                         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
+                                         num_cached_tokens=tracked.num_cached_tokens))
         return outputs
 
     def _bitmask_filler(self, plan):
@@ -315,6 +337,16 @@ class LLMEngine:
                 self.scheduler.finish(sched_id, RequestStatus.FINISHED_STOPPED)
             return RequestStatus.FINISHED_STOPPED
         return status
+    def _store_prompt_logprobs(self, chunks, targets: np.ndarray, out: PromptLogprobs) -> None:
+        offset = 0
+        for chunk in chunks:
+            n, k = len(chunk.token_ids), chunk.params.prompt_logprobs
+            owner = self._owner.get(chunk.req_id)
+            if k is not None and owner is not None:
+                found = prompt_entries(out, targets, offset, n, k)
+                # Flat tokens start.. predict prompt positions start + 1..
+                owner[0].prompt_logprobs[chunk.start + 1 : chunk.start + 1 + len(found)] = found
+            offset += n
 
     @staticmethod
     def _visible_text(c: _Completion) -> str:

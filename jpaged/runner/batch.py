@@ -10,7 +10,9 @@ import numpy as np
 from jpaged.core.scheduler import ScheduledChunk
 from jpaged.models.attention import AttentionMetadata
 from jpaged.runner.buckets import pick_bucket
+from jpaged.runner.prompt_logprobs import prompt_targets
 from jpaged.runner.sampler import SamplingArrays
+from jpaged.sampling_params import MAX_LOGIT_BIAS
 
 
 @jax.tree_util.register_dataclass
@@ -23,6 +25,9 @@ class BatchInputs:
     meta: AttentionMetadata
     logits_indices: np.ndarray  # int32 [B] flat index of each sequence's last token this step
     sampling: SamplingArrays
+    # int32 [T_max] (the largest T bucket, so one program reads it): the prompt token after each
+    # token of the step where its request asks for prompt logprobs; else -1 (padding too).
+    prompt_targets: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,11 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
         used = c.block_ids[:p_pad]
         block_tables[i, : len(used)] = used
         history[i, : len(c.history)] = c.history
+    bias_ids, bias_values = np.zeros((b_pad, MAX_LOGIT_BIAS), np.int32), np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32)
+    for i, c in enumerate(chunks):
+        if c.params.logit_bias:
+            bias_ids[i, : len(c.params.logit_bias)] = list(c.params.logit_bias)
+            bias_values[i, : len(c.params.logit_bias)] = list(c.params.logit_bias.values())
     pages = block_tables[seq_of_token, positions // spec.page_size]
     drop_slot = spec.num_pages * spec.page_size
 
@@ -122,7 +132,10 @@ def build_batch(chunks: list[ScheduledChunk], spec: BucketSpec) -> BatchInputs:
                                  b_pad, -1, np.int32),
             # all allowed; the engine fills constrained rows (ModelRunner.step's fill_bitmask)
             token_bitmask=np.full((b_pad, spec.bitmask_width), -1, np.int32),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
         ),
+        prompt_targets=prompt_targets(chunks, spec.token_buckets[-1]),
     )
 
 
@@ -147,5 +160,7 @@ def dummy_batch(spec: BucketSpec, t_pad: int, b_pad: int, p_pad: int) -> BatchIn
             history=np.full((b_pad, spec.history_len), -1, np.int32), prompt_lens=z(b_pad),
             num_logprobs=np.full(b_pad, -1, np.int32),
             token_bitmask=np.full((b_pad, spec.bitmask_width), -1, np.int32),
+            bias_ids=np.zeros((b_pad, MAX_LOGIT_BIAS), np.int32), bias_values=np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32),
         ),
+        prompt_targets=np.full(spec.token_buckets[-1], -1, np.int32),
     )

@@ -1,6 +1,7 @@
 """Owns the device state (parameters, KV pools) and the compiled step executables.
 
-Each bucket shape has two executables, compiled ahead of time from abstract shapes
+Each bucket shape has two executables (and the engine one more, for prompt log-probabilities:
+see prompt_logprobs.py), compiled ahead of time from abstract shapes
 (`jax.ShapeDtypeStruct`, no device data): the model for (T, B, P) and the sampler for B.
 They come from, in order: this process's table, the on-disk ExecutableStore (no tracing), or
 a lower + compile. Warm-up "full" gets every shape before the engine is ready, compiling
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -34,6 +36,7 @@ from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec, vocab_parts
 from jpaged.parallel.vocab import vocab_parallel_top_k
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
+from jpaged.runner.prompt_logprobs import PromptLogprobs, prompt_logprobs_step
 from jpaged.runner.sampler import SamplerOutput, sample
 from jpaged.typing import KVCache
 
@@ -61,12 +64,21 @@ def _abstract(tree, host_sharding: jax.sharding.Sharding | None = None):
 def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batch: BatchInputs):
     """The model program: (new KV pools, float32 logits [B, V] at batch.logits_indices).
 
-    What the runner compiles per (T, B, P) bucket, kept a plain function so tests can lower the
-    very same step for other devices (tests/kernels/test_kernel_lowering.py: 8 abstract H100s).
+    Kept a plain function so tests can lower the very same step for other devices
+    (tests/kernels/test_kernel_lowering.py: 8 abstract H100s).
     """
+    kv_caches, logits, _ = forward_with_hidden(graphdef, state, kv_caches, batch)
+    return kv_caches, logits
+
+
+def forward_with_hidden(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batch: BatchInputs):
+    """What the runner compiles per (T, B, P) bucket: forward_step's outputs and the hidden states of
+    every token [T_max, D], zero-padded to the length of batch.prompt_targets (the largest T bucket)
+    so that one prompt log-probability program serves every T; they stay on the device unless read."""
     model = nnx.merge(graphdef, state)
     hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.meta)  # [T, D]
-    return kv_caches, model.logits(hidden[batch.logits_indices])  # [B, V]
+    padded = jnp.pad(hidden, ((0, batch.prompt_targets.shape[0] - hidden.shape[0]), (0, 0)))  # [T_max, D]
+    return kv_caches, model.logits(hidden[batch.logits_indices]), padded  # [B, V], [T_max, D]
 
 
 # (sampler store folder, program name) -> executable: every runner of this process with the same
@@ -90,6 +102,8 @@ class ModelRunner:
         self.mesh = mesh
         # Where the programs run (the executable store deserializes onto exactly these).
         self.devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+        self._hidden_dtype = model.embed[...].dtype  # of the hidden states the forward returns
+        self._hidden_size = config.hidden_size
         self.graphdef, self.state = nnx.split(model)
         if kv_caches is None:
             kv_caches = alloc_kv_pools(
@@ -120,11 +134,12 @@ class ModelRunner:
         placed = {}
         if mesh is not None:
             kv_shardings = jax.tree.map(lambda x: x.sharding, self.kv_caches)
-            placed = {"forward": dict(out_shardings=(kv_shardings, self._logits_sharding)),
-                      "sample": dict(out_shardings=self._replicated)}
+            placed = {"forward": dict(out_shardings=(kv_shardings, self._logits_sharding, self._replicated)),
+                      "sample": dict(out_shardings=self._replicated), "prompt": dict(out_shardings=self._replicated)}
         self._jitted = {
             "forward": jax.jit(self._traced_forward, donate_argnums=(1,), **placed.get("forward", {})),
             "sample": jax.jit(self._traced_sample, **placed.get("sample", {})),
+            "prompt": jax.jit(self._traced_prompt, **placed.get("prompt", {})),
         }
         self._executables: dict[str, jax.stages.Compiled] = {}
         self._lock = threading.Lock()  # counters and the table, when a pool compiles
@@ -133,7 +148,11 @@ class ModelRunner:
 
     def _traced_forward(self, state, kv_caches, batch: BatchInputs):
         self._count("num_traces")
-        return forward_step(self.graphdef, state, kv_caches, batch)
+        return forward_with_hidden(self.graphdef, state, kv_caches, batch)
+
+    def _traced_prompt(self, state, hidden, targets):
+        self._count("num_traces")
+        return prompt_logprobs_step(self.graphdef, state, hidden, targets)
 
     def _traced_sample(self, logits, sampling):
         self._count("num_traces")
@@ -148,6 +167,7 @@ class ModelRunner:
         """(name, jitted function, its abstract arguments) of the two executables `batch` runs.
         Names come from the shapes alone; the arguments are only built for a missing executable."""
         t, (b, p), rows = len(batch.token_ids), batch.meta.block_tables.shape, len(batch.logits_indices)
+        t_max = len(batch.prompt_targets)
         forward = f"forward-T{t}-B{b}-P{p}" + (f"-R{rows}" if rows != b else "")
         return [
             (forward, "forward", lambda: (self._abstract_state, self._abstract_kv,
@@ -155,6 +175,10 @@ class ModelRunner:
             (f"sample-B{rows}-V{self.vocab_size}-H{batch.sampling.history.shape[1]}", "sample", lambda: (
                 jax.ShapeDtypeStruct((rows, self.vocab_size), np.float32, sharding=self._logits_sharding),
                 _abstract(batch.sampling, self._replicated))),
+            (f"prompt-T{t_max}", "prompt", lambda: (
+                self._abstract_state,
+                jax.ShapeDtypeStruct((t_max, self._hidden_size), self._hidden_dtype, sharding=self._replicated),
+                jax.ShapeDtypeStruct((t_max,), np.int32, sharding=self._replicated))),
         ]
 
     def _store(self, fn: str) -> ExecutableStore | None:
@@ -248,26 +272,32 @@ class ModelRunner:
             self._executable(program)
 
     # -- steps ------------------------------------------------------------------------------
-    def _run_forward(self, batch: BatchInputs, forward) -> jax.Array:
-        self.kv_caches, logits = self._executable(forward)(self.state, self.kv_caches, batch)
-        return logits
+    def _run_forward(self, batch: BatchInputs, forward) -> tuple[jax.Array, jax.Array]:
+        self.kv_caches, logits, hidden = self._executable(forward)(self.state, self.kv_caches, batch)
+        return logits, hidden
 
-    def step(self, batch: BatchInputs, fill_bitmask: Callable[[np.ndarray], None] | None = None) -> SamplerOutput:
-        """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences are padding).
+    def step(self, batch: BatchInputs, fill_bitmask: Callable[[np.ndarray], None] | None = None
+             ) -> tuple[SamplerOutput, PromptLogprobs | None]:
+        """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences
+        are padding), and the prompt log-probabilities when some token of the batch has a target.
 
         fill_bitmask, if given, writes the constrained rows of the step's token bitmask (int32
         [B, W], handed over all ones). It runs after the model program is dispatched and before
         the sampler's: the host computes the grammar masks while the device runs the model.
         """
-        forward, sampler = self._programs(batch)
-        logits = self._run_forward(batch, forward)  # asynchronous: returns before the device is done
+        forward, sampler, prompt = self._programs(batch)
+        logits, hidden = self._run_forward(batch, forward)  # asynchronous: returns before the device is done
         sampling = batch.sampling
         if fill_bitmask is not None:
             bitmask = np.full(sampling.token_bitmask.shape, -1, np.int32)
             fill_bitmask(bitmask)
             sampling = dataclasses.replace(sampling, token_bitmask=bitmask)
-        return jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, sampling))
+        sampled = jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, sampling))
+        if not (batch.prompt_targets >= 0).any():
+            return sampled, None
+        out = self._executable(prompt)(self.state, hidden, batch.prompt_targets)
+        return sampled, PromptLogprobs(*(np.asarray(x) for x in out))
 
     def logits(self, batch: BatchInputs) -> np.ndarray:
         """Like step, but returns float32 logits [B, V] at batch.logits_indices (tests, scoring)."""
-        return np.asarray(self._run_forward(batch, self._programs(batch)[0]))
+        return np.asarray(self._run_forward(batch, self._programs(batch)[0])[0])

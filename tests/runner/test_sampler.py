@@ -17,6 +17,7 @@ def arrays(b, **kw):
         seeds=np.arange(b, dtype=np.uint32), sample_index=np.zeros(b, np.int32),
         history=np.full((b, 16), -1, np.int32), prompt_lens=np.zeros(b, np.int32),
         num_logprobs=np.full(b, -1, np.int32), token_bitmask=np.full((b, -(-V // 32)), -1, np.int32),
+        bias_ids=np.zeros((b, 4), np.int32), bias_values=np.zeros((b, 4), np.float32),
     )
     base.update({k: np.asarray(v, base[k].dtype) for k, v in kw.items()})
     return SamplingArrays(**base)
@@ -176,3 +177,17 @@ def test_a_short_mask_allows_the_tokens_past_it():
     logits[0, V - 1] = 5.0  # past the first 32-token word
     s = arrays(1, temperature=[0.0], token_bitmask=np.zeros((1, 1), np.int32))
     assert int(sample(jnp.asarray(logits), s).token_ids[0]) == V - 1
+def test_logit_bias_is_added_to_the_raw_logits_first():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, V)).astype(np.float32)
+    # Row 0 forces token 7 (+100), row 1 bans its argmax (-100), row 2 is padding only (inert).
+    ban = int(np.argmax(logits[1]))
+    s = arrays(3, temperature=[1.0, 0.0, 0.0], num_logprobs=[0, 0, 0],
+               bias_ids=[[7, 3, 0, 0], [ban, 0, 0, 0], [0, 0, 0, 0]],
+               bias_values=[[100, -5, 0, 0], [-100, 0, 0, 0], [0, 0, 0, 0]])
+    out = sample(jnp.asarray(logits), s)
+    second = int(np.argsort(-logits[1], kind="stable")[1])
+    assert np.asarray(out.token_ids).tolist() == [7, second, int(np.argmax(logits[2]))]
+    # Log-probabilities stay those of the model (the bias is a sampling choice, as in vLLM's raw logprobs).
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(out.logprobs), logp[[0, 1, 2], np.asarray(out.token_ids)], atol=1e-5)

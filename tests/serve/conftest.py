@@ -63,6 +63,8 @@ class ServerProcess:
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """A raw HTTP request: (status, headers, body), errors included."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
+        if data is not None:  # urllib's default would be a form (415)
+            headers = {"Content-Type": "application/json", **(headers or {})}
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:

@@ -76,7 +76,8 @@ def test_token_id_model_streams_a_chunk_per_token(tiny_models):
     status, events, chat_status, chat_body = asyncio.run(main())
     assert status == 200 and events[-1] == "data: [DONE]"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
-    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
     per_choice = {0: [], 1: []}
     for chunk in chunks[:-1]:
         (choice,) = chunk["choices"]

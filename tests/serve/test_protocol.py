@@ -57,7 +57,7 @@ def test_fields_map_onto_sampling_params():
     ({"temperature": -0.1}, "temperature must be >= 0, got -0.1", "temperature"),
     ({"top_k": -2}, "top_k must be an integer in [-1, 2**31) (0 or -1 = off), got -2", "top_k"),
     ({"min_tokens": 99}, "min_tokens must be an integer in [0, max_tokens], got 99", "min_tokens"),
-    ({"seed": 2**40}, f"seed must be an integer in [0, 2**32) or None, got {2**40}", "seed"),
+    ({"seed": -(2**63) - 1}, f"seed must be an integer in [-2**63, 2**63) or None, got {-(2**63) - 1}", "seed"),
     ({"logprobs": 21}, "logprobs must be None or an integer in [0, 20], got 21", "logprobs"),
     ({"stop": [""]}, "stop must be non-empty strings, got ('',)", "stop"),
 ])
@@ -84,9 +84,9 @@ def test_wrong_types_are_400_naming_the_field(body, message, param):
 
 def test_unknown_fields_are_logged_and_ignored(caplog):
     with caplog.at_level(logging.INFO, logger="jpaged.serve"):
-        req = parse(CompletionRequest, {"prompt": "x", "best_of": 3, "echo": True})
+        req = parse(CompletionRequest, {"prompt": "x", "frobnicate": 3, "zeal": True})
     assert req.prompts() == ["x"]
-    assert "ignoring unknown fields of CompletionRequest: best_of, echo" in caplog.text
+    assert "ignoring unknown fields of CompletionRequest: frobnicate, zeal" in caplog.text
 
 
 def test_chat_fields():
@@ -156,7 +156,7 @@ def test_logprob_formats():
     entries = [{7: -2.0, 3: -0.1, 5: -0.5}, {3: -0.2, 5: -1.0}]
     assert fmt.completion([7, 3], entries, text_offset=4) == {
         "tokens": ["<7>", "<3>"], "token_logprobs": [-2.0, -0.2],
-        "top_logprobs": [{"<3>": -0.1, "<5>": -0.5}, {"<3>": -0.2, "<5>": -1.0}], "text_offset": [4, 7]}
+        "top_logprobs": [{"<3>": -0.1, "<5>": -0.5, "<7>": -2.0}, {"<3>": -0.2, "<5>": -1.0}], "text_offset": [4, 7]}
     chat = fmt.chat([7], entries[:1])["content"][0]
     assert chat == {"token": "<7>", "logprob": -2.0, "bytes": list(b"<7>"), "top_logprobs": [
         {"token": "<3>", "logprob": -0.1, "bytes": list(b"<3>")},

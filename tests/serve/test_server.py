@@ -6,6 +6,8 @@ each prompt alone), so a streaming, batching or abort bug shows up as different 
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import random
 import time
@@ -107,6 +109,16 @@ def test_usage_counts_prompt_tokens(client, server, default_llm):
     assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
 
 
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client, default_llm):
+    prompt = "A list of the planets of the solar system, from the closest to the sun to the farthest: " * 2
+    num_prompt = len(default_llm.get_tokenizer().encode(prompt))
+    first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0).usage
+                    for _ in range(2))
+    assert first.prompt_tokens_details.cached_tokens == 0
+    # Full 16-token blocks of the prompt, the last token always computed (its logits pick the next one).
+    assert again.prompt_tokens_details.cached_tokens == (num_prompt - 1) // 16 * 16 > 0
+
+
 def test_sixteen_concurrent_requests_equal_alone(client, reference):
     # Every mode at once: completions and chat, streamed and not, 4 prompts each.
     jobs = [(kind, i, stream) for kind in ("completion", "chat") for stream in (False, True) for i in range(4)]
@@ -129,7 +141,9 @@ def test_n_and_logprobs(client):
     for c in r.choices:
         lp = c.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
-        assert all(len(top) <= 2 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
+        # The top 2 and, as vLLM, the sampled token when it is not among them.
+        assert all(len(top) <= 3 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
+        assert all(top[t] == v for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
         assert "".join(lp.tokens) == c.text
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}],
                                           max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
@@ -160,8 +174,8 @@ def _err(message: str, param=None, code=None, type_="invalid_request_error") -> 
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400,
      _err("max_tokens must be an integer >= 1, got 0", "max_tokens")),
     ("/v1/completions", {"prompt": "a", "n": 9}, 400, _err("n must be in [1, 8], got 9", "n")),
-    ("/v1/completions", {"prompt": "a", "seed": -1}, 400,
-     _err("seed must be an integer in [0, 2**32) or None, got -1", "seed")),
+    ("/v1/completions", {"prompt": "a", "seed": 2**63}, 400,
+     _err(f"seed must be an integer in [-2**63, 2**63) or None, got {2**63}", "seed")),
     ("/v1/completions", {"prompt": "a", "temperature": "hot"}, 400,
      _err("temperature: Input should be a valid number", "temperature")),
     ("/v1/completions", {"prompt": "a", "stop": [1]}, 400, _err("stop.0: Input should be a valid string", "stop.0")),
@@ -171,7 +185,44 @@ def _err(message: str, param=None, code=None, type_="invalid_request_error") -> 
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
     ("/v1/completions", {"prompt": []}, 400, _err(
         "prompt must be a string, a list of strings, a non-empty list of token ids or a list of such lists", "prompt")),
-    ("/v1/completions", {"prompt": [5, 10**9]}, 400, _err("the prompt has token ids outside [0, 49152)")),
+    ("/v1/completions", {"prompt": [5, 10**9]}, 400, _err(
+        "Token id 1000000000 in the prompt is out of vocabulary (the model's vocabulary has 49152 tokens, ids 0 to "
+        "49151)")),
+    # Fields clients send: each honoured or refused by name, never ignored.
+    ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400,
+     _err("stream_options can only be set when stream is true", "stream_options")),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"49152": 5}}, 400, _err(
+        "logit_bias must hold ids in the vocabulary: token id 49152 is out of vocabulary (the model's vocabulary "
+        "has 49152 tokens)", "logit_bias")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [7, 60000]}, 400,
+     _err("stop_token_ids must hold ids in the vocabulary: token id 60000 is out of vocabulary (the model's "
+          "vocabulary has 49152 tokens)", "stop_token_ids")),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}, 400,
+     _err("logit_bias must be biases in [-100, 100], got {5: 101.0}", "logit_bias")),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"hi": 1}}, 400,
+     _err("logit_bias keys must be token ids, got 'hi'", "logit_bias")),
+    ("/v1/completions", {"prompt": "a", "suffix": "b"}, 400,
+     _err("suffix is not supported: the model has no fill-in-the-middle mode", "suffix")),
+    ("/v1/completions", {"prompt": "a", "best_of": 2}, 400, _err(
+        "best_of must equal n (1) when given: choosing the best of several completions is not supported, got 2",
+        "best_of")),
+    ("/v1/completions", {"prompt": "a", "n": 2, "use_beam_search": True}, 400,
+     _err("use_beam_search is not supported: beam search is not implemented", "use_beam_search")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "service_tier": "flex"}, 400,
+     _err("service_tier must be one of auto, default (this server has one tier), got 'flex'", "service_tier")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "store": True}, 400,
+     _err("store is not supported: this server keeps no completions", "store")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "metadata": {"a": "b"}}, 400,
+     _err("metadata is only kept with store, which is not supported", "metadata")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False}, 400,
+     _err("parallel_tool_calls is only allowed when tools are given", "parallel_tool_calls")),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400,
+     _err("logprobs must be in [0, 20] (the server's --max-logprobs), got 21", "logprobs")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, 400,
+     _err("top_logprobs must be in [0, 20] (the server's --max-logprobs), got 21", "top_logprobs")),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400,
+     _err("add_generation_prompt and continue_final_message cannot both be true", "continue_final_message")),
     ("/v1/completions", {"prompt": "a", "max_tokens": 600}, 400, _err(
         "This model's maximum context length is 512 tokens. However, you requested 601 tokens (1 in the prompt, "
         "600 for the completion).", code="context_length_exceeded")),
@@ -303,6 +354,222 @@ def test_abort_storm_frees_everything(server, client, reference):
     asked = len(plan) * 64 + len(timeouts) * timeout_max_tokens
     assert after["jpaged:generation_tokens_total"] - before["jpaged:generation_tokens_total"] < asked // 3
     assert _completion(client, 0, stream=False) == reference["completion", 0]
+
+
+def test_any_int64_seed_repeats_and_matches_the_offline_engine(client, default_llm):
+    """Seeds past 32 bits (and negative ones) are valid for OpenAI and vLLM; same seed, same text."""
+    kwargs = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=1.0)
+    texts = {client.completions.create(**kwargs, seed=2**40).choices[0].text for _ in range(2)}
+    offline = default_llm.generate([PROMPTS[1]], SamplingParams(temperature=1.0, max_tokens=6, seed=2**40),
+                                   use_tqdm=False)[0].outputs[0].text
+    assert texts == {offline}
+    assert client.completions.create(**kwargs, seed=-1).choices[0].finish_reason == "length"
+
+
+def test_retrieve_model(client):
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "jpaged")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["message"] == "The model `gpt-4` does not exist."
+
+
+def test_tokenize_fields_match_the_hf_tokenizer(server, default_llm):
+    tokenizer = default_llm.get_tokenizer()
+
+    def tokenize(body):
+        status, _, raw = server.request("POST", "/tokenize", body)
+        assert status == 200, raw
+        return json.loads(raw)
+
+    got = tokenize({"prompt": "Hello world", "return_token_strs": True})
+    assert got["token_strs"] == tokenizer.convert_ids_to_tokens(tokenizer.encode("Hello world"))
+    assert tokenize({"prompt": "Hello", "add_special_tokens": False})["tokens"] == tokenizer.encode(
+        "Hello", add_special_tokens=False)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
+    for fields in ({"add_generation_prompt": True}, {"add_generation_prompt": False},
+                   {"add_generation_prompt": False, "continue_final_message": True}, {"tools": tools}):
+        messages = chat if fields.get("continue_final_message") else chat[:1]
+        expect = tokenizer.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **fields})
+        got = tokenize({"messages": messages, **fields})
+        assert got["tokens"] == tokenizer.encode(expect, add_special_tokens=False), fields
+    no_prompt = tokenize({"messages": chat[:1], "add_generation_prompt": False})["count"]
+    assert tokenize({"messages": chat[:1]})["count"] > no_prompt  # the assistant header
+
+
+def test_out_of_vocabulary_and_non_json_bodies(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[5, 49152], max_tokens=1)
+    assert "out of vocabulary" in e.value.body["message"]
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        status, _, raw = server.request("POST", "/v1/completions", body, {"Content-Type": content_type})
+        assert status == 415 and "application/json" in json.loads(raw)["error"]["message"], content_type
+    assert server.request("POST", "/v1/completions", body, {"Content-Type": "application/json; charset=utf-8"})[0] \
+        == 200
+
+
+def test_logprobs_0_names_the_sampled_token_and_token_ids_extension(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=1)
+    # The same tokens, as "token_id:<id>" whose id decodes to the plain token.
+    tokenizer_tokens = plain.choices[0].logprobs.tokens
+    assert [t.split(":")[0] for t in lp.tokens] == ["token_id"] * 4 and lp.token_logprobs == pytest.approx(
+        plain.choices[0].logprobs.token_logprobs)
+    assert len(tokenizer_tokens) == 4
+
+
+def test_logit_bias_forces_and_bans(client, reference):
+    forced = 1000
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=5, temperature=1.0, seed=3,
+                                  logprobs=0, logit_bias={str(forced): 100},
+                                  extra_body={"return_tokens_as_token_ids": True})
+    assert r.choices[0].logprobs.tokens == [f"token_id:{forced}"] * 5
+    greedy = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+    assert greedy.choices[0].text == reference["completion", 0][0]
+    banned = sorted({int(t.split(":")[1]) for t in greedy.choices[0].logprobs.tokens})
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
+                                  logit_bias={str(t): -100 for t in banned},
+                                  extra_body={"return_tokens_as_token_ids": True})
+    assert not {int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens} & set(banned)
+
+
+def test_stop_string_kept_and_continuous_usage(client, reference):
+    text = reference["completion", 0][0]
+    stop = text.split()[1]  # a word the greedy text contains
+    kept = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stop=stop,
+                                     extra_body={"include_stop_str_in_output": True}).choices[0].text
+    assert kept == text[: text.index(stop) + len(stop)]
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 5 and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+
+
+def test_echo_gives_the_prompt_and_its_logprobs(server, client, default_llm):
+    """lm-eval's local-completions scoring: echo, logprobs 1, max_tokens 0 (and 1), text and token-id prompts."""
+    tokenizer = default_llm.get_tokenizer()
+    prompt = PROMPTS[2]
+    ids = tokenizer.encode(prompt)
+    offline = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                                   use_tqdm=False)[0]
+    ref_lp = [None] + [entry[t] for t, entry in zip(ids[1:], offline.prompt_logprobs[1:])]
+    ref_tokens = [tokenizer.decode([t]) for t in ids]
+    for p in (prompt, ids):
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=0, echo=True, logprobs=1, temperature=0)
+        c = r.choices[0]
+        assert c.text == prompt and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+        assert c.logprobs.tokens == ref_tokens
+        assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(ref_lp[1:], abs=1e-5)
+        assert c.logprobs.text_offset == [len("".join(ref_tokens[:i])) for i in range(len(ids))]
+        assert all(len(top) <= 2 and tok in top for tok, top in zip(c.logprobs.tokens[1:], c.logprobs.top_logprobs[1:]))
+    # With a completion: prompt + completion in the text and in every logprobs list.
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    c = r.choices[0]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=1, temperature=0).choices[0]
+    assert c.text == prompt + plain.text and r.usage.completion_tokens == 3
+    assert c.logprobs.tokens == ref_tokens + plain.logprobs.tokens
+    assert c.logprobs.token_logprobs[len(ids):] == plain.logprobs.token_logprobs
+    assert c.logprobs.text_offset[len(ids):] == [len(prompt) + o for o in plain.logprobs.text_offset]
+    # Without logprobs: only the text.
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, temperature=0)
+    assert r.choices[0].text == prompt + plain.text and r.choices[0].logprobs is None
+    # Streamed: the prompt (with its logprobs) in the first chunk of the choice, then the completion.
+    for max_tokens in (0, 3):
+        chunks = [ch for ch in client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True,
+                                                         logprobs=1, temperature=0, stream=True) if ch.choices]
+        first = chunks[0].choices[0]
+        assert first.text == prompt and first.logprobs.token_logprobs[1:] == pytest.approx(ref_lp[1:], abs=1e-5)
+        assert "".join(ch.choices[0].text for ch in chunks) == prompt + (plain.text if max_tokens else "")
+        assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):  # max_tokens 0 only scores with echo
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
+def test_responses_api_streamed_and_not(client, reference):
+    """The Responses API: the same greedy text as chat, streamed with its typed events; state refused."""
+    text, num_tokens, _ = reference["chat", 0]
+    r = client.responses.create(model=MODEL, input=QUESTIONS[0], max_output_tokens=MAX_TOKENS, temperature=0)
+    assert (r.object, r.output_text, r.usage.output_tokens) == ("response", text, num_tokens)
+    assert r.status == ("incomplete" if num_tokens == MAX_TOKENS else "completed")
+    r = client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": QUESTIONS[0]}]}], max_output_tokens=MAX_TOKENS, temperature=0)
+    assert r.output_text == text
+    events = list(client.responses.create(model=MODEL, input=QUESTIONS[0], max_output_tokens=MAX_TOKENS,
+                                          temperature=0, stream=True))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert events[-1].response.output_text == text and events[-1].response.usage.output_tokens == num_tokens
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
+    assert e.value.param == "previous_response_id"
+
+
+def test_openapi_schema_describes_every_route_and_a_fuzz_finds_no_5xx(server, client):
+    """/openapi.json lists the served routes with their body schemas; every field of every body, given values
+    of each JSON type, gets an answer below 500, and the server is idle and answering afterwards."""
+    status, _, raw = server.request("GET", "/openapi.json")
+    schema = json.loads(raw)
+    assert status == 200 and schema["openapi"].startswith("3.")
+    paths = schema["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{model}",
+            "/tokenize", "/detokenize", "/health", "/openapi.json"} <= set(paths)
+    for path, ops in paths.items():  # every described route exists (no 404 / 405)
+        for method in ops:
+            body = None if method == "get" else b"{}"
+            got = server.request(method.upper(), path.replace("{model}", MODEL), body)[0]
+            assert got in (200, 400), (method, path, got)
+    defs = schema["components"]["schemas"]
+    assert {"echo", "logit_bias", "suffix", "best_of", "seed"} <= set(defs["CompletionRequest"]["properties"])
+    bases = {"/v1/completions": {"prompt": "a", "max_tokens": 1},
+             "/v1/chat/completions": {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1},
+             "/v1/responses": {"input": "a", "max_output_tokens": 1}, "/tokenize": {"prompt": "a"},
+             "/detokenize": {"tokens": [1]}}
+    jobs = []
+    for path, base in bases.items():
+        ref = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        for field in defs[ref.rsplit("/", 1)[1]]["properties"]:
+            for value in (-1, 2**70, "x", {"a": 1}):  # mostly wrong: a few generations only
+                jobs.append((path, {**base, field: value}))
+
+    def send(job):
+        return job, server.request("POST", job[0], job[1])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(send, jobs))
+    assert not [(job, s) for job, s in statuses if s >= 500]
+    assert {s for _, s in statuses} <= {200, 400, 404, 413, 429}
+    idle = _wait_idle(server)
+    assert idle["jpaged:num_requests_running"] == 0 and idle["jpaged:kv_cache_usage_perc"] == 0
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    print(f"schema fuzz: {len(jobs)} requests, statuses {collections.Counter(s for _, s in statuses)}")
+
+
+def test_short_soak_loses_nothing(server):
+    """benchmarks.soak for a few seconds (no bursts: this server's queue is large): every request answered
+    or refused explicitly, the server idle with KV usage 0 afterwards, RSS not growing."""
+    from benchmarks.soak import KINDS, soak
+
+    report = asyncio.run(soak(server.url, server.proc.pid, duration_s=4, concurrency=4, sample_s=1,
+                              kinds=tuple(k for k in KINDS if k != "burst")))
+    print(f"soak: {report['requests']} requests, {report['outcomes']}, RSS {report['rss_start_mib']} -> "
+          f"{report['rss_end_mib']} MiB")
+    assert not report["failures"]
+    assert report["outcomes"]["ok"] > 10 and report["outcomes"]["rejected"] > 0
 
 
 def test_start_up_and_busy_log_lines(server):
