@@ -305,6 +305,10 @@ def load_params(
         for read in reads:
             read.result()
     stored = stored_quantization(manifest, ckpt_dir)
+    for name, x in zip(names, arrays):
+        # A NaN or infinite scale would silently poison every weight of its group.
+        if name.endswith((".scales", ".mins")) and not np.isfinite(x).all():
+            raise CheckpointError(f"{ckpt_dir}: packed tensor {name} holds non-finite values")
     if quantization != "auto" and (stored or quantization != "none"):
         flat = dict(zip(names, arrays))
         if quantization == "none":
