@@ -50,23 +50,25 @@ def best_isa() -> str:
 
 def pack_panels(qweight: jax.Array, scales: jax.Array, mins: jax.Array, bits: int):
     """Packed leaves [N, K*bits/8], [N, K/G], [N, K/G] -> the kernel's panels:
-    q [P, K, 16] (4 bits: column c low nibble, c + 16 high) or [P, K, 32] (8 bits),
-    scales and mins [P, K/G, 32]; P = ceil(N / 32), columns past N zero."""
+    q [P, K*bits/32, 32] uint32, word [o, c] holding column c's integers for k = o*per .. o*per + per - 1
+    (per = 32 / bits; the i-th in bits [bits*i, bits*(i+1))), scales and mins [P, K/G, 32];
+    P = ceil(N / 32), columns past N zero. One column's integers a 32-bit lane: the kernel
+    unpacks with a shift and a mask inside each vector lane."""
     n = qweight.shape[0]
     panels = -(-n // PANEL)
     pad = ((0, panels * PANEL - n), (0, 0))
-    if bits == 4:
-        q = jnp.stack([qweight & 0x0F, qweight >> 4], axis=-1).reshape(n, -1)  # [N, K]
-    else:
-        q = qweight
-    q = jnp.pad(q, pad).reshape(panels, PANEL, -1).transpose(0, 2, 1)  # [P, K, 32]
-    if bits == 4:
-        q = q[..., :16] | (q[..., 16:] << 4)
+    per = 32 // bits
+    q = jnp.stack([qweight & 0x0F, qweight >> 4], axis=-1).reshape(n, -1) if bits == 4 else qweight  # [N, K]
+    q = q.astype(jnp.uint32).reshape(n, -1, per)  # [N, K/per, per]
+    words = jnp.zeros(q.shape[:2], jnp.uint32)
+    for i in range(per):
+        words = words | (q[..., i] << (bits * i))
+    words = jnp.pad(words, pad).reshape(panels, PANEL, -1).transpose(0, 2, 1)  # [P, K/per, 32]
 
     def per_group(t):
         return jnp.pad(t, pad).reshape(panels, PANEL, -1).transpose(0, 2, 1)  # [P, K/G, 32]
 
-    return q.astype(jnp.uint8), per_group(scales), per_group(mins)
+    return words, per_group(scales), per_group(mins)
 
 
 def linear_cpu_packed(x: jax.Array, q: jax.Array, scales: jax.Array, mins: jax.Array, fmt, n: int,
@@ -83,11 +85,10 @@ def linear_cpu_packed(x: jax.Array, q: jax.Array, scales: jax.Array, mins: jax.A
         raise TypeError(f"the CPU packed linear kernel takes float32 activations, not {x.dtype}")
     k = x.shape[-1]
     panels = -(-n // PANEL)
-    width = PANEL // 2 if fmt.bits == 4 else PANEL
-    if q.shape != (panels, k, width) or scales.shape != (panels, k // fmt.group_size, PANEL) or mins.shape != scales.shape:
+    if q.shape != (panels, k * fmt.bits // 32, PANEL) or scales.shape != (panels, k // fmt.group_size, PANEL) or mins.shape != scales.shape:
         raise ValueError(f"packed panels q {q.shape}, scales {scales.shape}, mins {mins.shape} do not fit "
                          f"x {x.shape}, n={n} and {fmt}")
     rows = x.reshape(-1, k)
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
-        rows, q, scales, mins, isa=np.int32(ISAS[isa]))
+        rows, q, scales, mins, isa=np.int32(ISAS[isa]), bits=np.int32(fmt.bits))
     return y.reshape(*x.shape[:-1], n)

@@ -2,8 +2,8 @@
 // dequantized in registers, accumulated in float32. Called from jax through the XLA FFI.
 //
 //   x       [M, K]            float32 activations, row-major
-//   q       [P, K, 16]        4 bits: byte c of row k holds column c (low nibble) and c + 16 (high)
-//           [P, K, 32]        8 bits: one byte a column
+//   q       [P, K * bits / 32, 32] uint32: word [o, c] holds column c's integers for k = o * per + i,
+//                             i < per = 32 / bits, the i-th in bits [bits * i, bits * (i + 1))
 //   scales  [P, K / G, 32]    float32, a panel's 32 columns of one group contiguous
 //   mins    [P, K / G, 32]
 //   y       [M, N]            P = ceil(N / 32); columns past N have zero scale and minimum
@@ -16,7 +16,7 @@
 //
 // Three code paths, chosen by the caller (pallas_kernels/cpu_linear_packed.py, from the CPU's
 // flags) and checked here against the CPU: AVX-512 (32 columns in two zmm), AVX2/FMA (16
-// columns in two ymm, both halves for one row) and portable C++. The vector paths are compiled
+// columns in two ymm, the whole panel for one row) and portable C++. The vector paths are compiled
 // with target attributes, so every build has all three whatever -march says.
 
 #include <algorithm>
@@ -43,26 +43,26 @@ enum Isa : int32_t { kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
 
 struct Problem {
   const float* x;
-  const uint8_t* q;
+  const uint32_t* q;
   const float* scales;
   const float* mins;
   const float* xsum;  // [M, K / G]
   float* y;
   int64_t M, K, N, G, bits;
   int64_t groups() const { return K / G; }
-  int64_t row_bytes() const { return bits == 4 ? kPanel / 2 : kPanel; }  // q bytes per k of a panel
 };
 
 // ---- portable ------------------------------------------------------------------------------
 
-inline int QAt(const uint8_t* row, int c, int64_t bits) {
-  if (bits == 8) return row[c];
-  return c < 16 ? (row[c] & 0x0F) : (row[c - 16] >> 4);
+// Integer i (< kPer) of a word: k = 8o + i (4 bits) or 4o + i (8 bits).
+inline float QAt(uint32_t word, int i, int64_t bits) {
+  return static_cast<float>(bits == 4 ? (word >> (4 * i)) & 0xF : (word >> (8 * i)) & 0xFF);
 }
 
 void PanelPortable(const Problem& s, int64_t p) {
   const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel));
-  const uint8_t* q = s.q + p * s.K * s.row_bytes();
+  const int per = static_cast<int>(32 / s.bits);  // integers a word
+  const uint32_t* q = s.q + p * (s.K / per) * kPanel;
   const float* sc = s.scales + p * s.groups() * kPanel;
   const float* mn = s.mins + p * s.groups() * kPanel;
   for (int64_t r = 0; r < s.M; ++r) {
@@ -70,9 +70,10 @@ void PanelPortable(const Problem& s, int64_t p) {
     const float* x = s.x + r * s.K;
     for (int64_t g = 0; g < s.groups(); ++g) {
       float acc[kPanel] = {};
-      for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) {
-        const uint8_t* row = q + k * s.row_bytes();
-        for (int c = 0; c < kPanel; ++c) acc[c] += x[k] * static_cast<float>(QAt(row, c, s.bits));
+      for (int64_t o = g * s.G / per; o < (g + 1) * s.G / per; ++o) {
+        for (int i = 0; i < per; ++i) {
+          for (int c = 0; c < kPanel; ++c) acc[c] += x[o * per + i] * QAt(q[o * kPanel + c], i, s.bits);
+        }
       }
       const float xs = s.xsum[r * s.groups() + g];
       for (int c = 0; c < kPanel; ++c) out[c] += sc[g * kPanel + c] * acc[c] + mn[g * kPanel + c] * xs;
@@ -84,51 +85,54 @@ void PanelPortable(const Problem& s, int64_t p) {
 #ifdef JPAGED_X86
 // ---- AVX2 / FMA ----------------------------------------------------------------------------
 
-// 16 columns' integers (half h of the panel) of one k row as bytes.
-__attribute__((target("avx2,fma"))) inline __m128i HalfBytes(const uint8_t* row, int h, int64_t bits) {
-  if (bits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * h));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-  return _mm_and_si128(h == 0 ? b : _mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-}
-
-// Rows [0, R) of x against columns [16 h0, 16 (h0 + H)) of panel p; R * 2H accumulators.
-// H = 2 (the whole panel, one pass over q) for few rows, where q streams from memory;
-// H = 1 leaves registers for 4 rows, enough independent FMAs once the panel is in cache.
-template <int R, int H>
-__attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, int64_t r0, int h0) {
-  const uint8_t* q = s.q + p * s.K * s.row_bytes();
-  const float* sc = s.scales + p * s.groups() * kPanel + 16 * h0;
-  const float* mn = s.mins + p * s.groups() * kPanel + 16 * h0;
+// Rows [r0, r0 + R) against columns [8 v0, 8 (v0 + V)) of panel p: R * V accumulators. Each
+// 32-bit lane holds one column's integers for kPer consecutive k, so unpacking is a shift, a
+// mask and a convert inside the lane: no shuffles, which Zen 3 issues on fewer ports.
+// V = 4 (the whole panel, one pass over q) for one row, where q streams from memory; V = 2
+// leaves registers for 4 rows once the panel is in cache.
+template <int R, int V, int kBits>
+__attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, int64_t r0, int v0) {
+  constexpr int kPer = 32 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel + 8 * v0;
+  const float* sc = s.scales + p * s.groups() * kPanel + 8 * v0;
+  const float* mn = s.mins + p * s.groups() * kPanel + 8 * v0;
   const float* x = s.x + r0 * s.K;
-  __m256 out[R][2 * H];
+  const __m256i mask = _mm256_set1_epi32(kMask);
+  __m256 out[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 2 * H; ++v) out[r][v] = _mm256_setzero_ps();
+    for (int v = 0; v < V; ++v) out[r][v] = _mm256_setzero_ps();
   for (int64_t g = 0; g < s.groups(); ++g) {
-    __m256 acc[R][2 * H];
+    __m256 acc[R][V];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < 2 * H; ++v) acc[r][v] = _mm256_setzero_ps();
-    for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) {
-      const uint8_t* row = q + k * s.row_bytes();
-      __m256 w[2 * H];
-#pragma GCC unroll 2
-      for (int h = 0; h < H; ++h) {
-        const __m128i b = HalfBytes(row, h0 + h, s.bits);
-        w[2 * h] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-        w[2 * h + 1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b)));
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m256 a = _mm256_broadcast_ss(x + r * s.K + k);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t o = g * s.G / kPer; o < (g + 1) * s.G / kPer; ++o) {
+      __m256i words[V];
 #pragma GCC unroll 4
-        for (int v = 0; v < 2 * H; ++v) acc[r][v] = _mm256_fmadd_ps(a, w[v], acc[r][v]);
+      for (int v = 0; v < V; ++v) words[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + o * kPanel + 8 * v));
+#pragma GCC unroll 8
+      for (int i = 0; i < kPer; ++i) {
+        __m256 w[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          __m256i t = i == 0 ? words[v] : _mm256_srli_epi32(words[v], kBits * i);
+          if (i != kPer - 1) t = _mm256_and_si256(t, mask);
+          w[v] = _mm256_cvtepi32_ps(t);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m256 a = _mm256_broadcast_ss(x + r * s.K + o * kPer + i);
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, w[v], acc[r][v]);
+        }
       }
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < 2 * H; ++v) {
+    for (int v = 0; v < V; ++v) {
       const __m256 scale = _mm256_loadu_ps(sc + g * kPanel + 8 * v);
       const __m256 low = _mm256_loadu_ps(mn + g * kPanel + 8 * v);
 #pragma GCC unroll 8
@@ -138,35 +142,114 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, i
       }
     }
   }
-  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel)) - 16 * h0;
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel)) - 8 * v0;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 4
-  for (int v = 0; v < 2 * H; ++v) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8 * v), lane);
+  for (int v = 0; v < V; ++v) {
+    const __m256i store = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8 * v), lane);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      _mm256_maskstore_ps(s.y + (r0 + r) * s.N + p * kPanel + 16 * h0 + 8 * v, mask, out[r][v]);
+      _mm256_maskstore_ps(s.y + (r0 + r) * s.N + p * kPanel + 8 * v0 + 8 * v, store, out[r][v]);
+    }
+  }
+}
+
+template <int R, int kBits>
+__attribute__((target("avx2,fma"))) void RowsAvx2(const Problem& s, int64_t p, int64_t r0) {
+  if constexpr (R == 1) {
+    TileAvx2<1, 4, kBits>(s, p, r0, 0);
+  } else {
+    TileAvx2<R, 2, kBits>(s, p, r0, 0);
+    if (s.N - p * kPanel > 16) TileAvx2<R, 2, kBits>(s, p, r0, 2);
+  }
+}
+
+// Many rows (prefill): unpacking per 4-row tile would repeat M / 4 times per panel, so the panel
+// is dequantized once into a float [K, 32] buffer (L2-resident) and multiplied like float weights.
+template <int kBits>
+__attribute__((target("avx2,fma"))) void DequantizePanelAvx2(const Problem& s, int64_t p, float* buf) {
+  constexpr int kPer = 32 / kBits;
+  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
+  const float* sc = s.scales + p * s.groups() * kPanel;
+  const float* mn = s.mins + p * s.groups() * kPanel;
+  const __m256i mask = _mm256_set1_epi32((1u << kBits) - 1);
+  for (int64_t o = 0; o < s.K / kPer; ++o) {
+    const int64_t g = o * kPer / s.G;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + o * kPanel + 8 * v));
+      const __m256 scale = _mm256_loadu_ps(sc + g * kPanel + 8 * v);
+      const __m256 low = _mm256_loadu_ps(mn + g * kPanel + 8 * v);
+#pragma GCC unroll 8
+      for (int i = 0; i < kPer; ++i) {
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, kBits * i), mask));
+        _mm256_storeu_ps(buf + (o * kPer + i) * kPanel + 8 * v, _mm256_fmadd_ps(scale, w, low));
+      }
+    }
+  }
+}
+
+// y[r0 + r, 16 h .. 16 h + 16) for r < R over a float panel [K, 32]: 2R accumulators.
+template <int R>
+__attribute__((target("avx2,fma"))) void FloatTileAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0,
+                                                      int h) {
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const float* x = s.x + r0 * s.K;
+  for (int64_t k = 0; k < s.K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(buf + k * kPanel + 16 * h);
+    const __m256 b1 = _mm256_loadu_ps(buf + k * kPanel + 16 * h + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * s.K + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel)) - 16 * h;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 2
+  for (int v = 0; v < 2; ++v) {
+    const __m256i store = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8 * v), lane);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_maskstore_ps(s.y + (r0 + r) * s.N + p * kPanel + 16 * h + 8 * v, store, acc[r][v]);
     }
   }
 }
 
 template <int R>
-__attribute__((target("avx2,fma"))) void RowsAvx2(const Problem& s, int64_t p, int64_t r0) {
-  if constexpr (R <= 2) {
-    TileAvx2<R, 2>(s, p, r0, 0);
-  } else {
-    TileAvx2<R, 1>(s, p, r0, 0);
-    if (s.N - p * kPanel > 16) TileAvx2<R, 1>(s, p, r0, 1);
-  }
+__attribute__((target("avx2,fma"))) void FloatRowsAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0) {
+  FloatTileAvx2<R>(s, buf, p, r0, 0);
+  if (s.N - p * kPanel > 16) FloatTileAvx2<R>(s, buf, p, r0, 1);
 }
 
+constexpr int64_t kDequantizeRows = 8;  // from this many rows on, dequantize the panel first
+
+template <int kBits>
 __attribute__((target("avx2,fma"))) void PanelAvx2(const Problem& s, int64_t p) {
   int64_t r = 0;
-  for (; r + 4 <= s.M; r += 4) RowsAvx2<4>(s, p, r);
+  if (s.M >= kDequantizeRows) {
+    thread_local std::vector<float> buf;
+    buf.resize(s.K * kPanel);
+    DequantizePanelAvx2<kBits>(s, p, buf.data());
+    for (; r + 6 <= s.M; r += 6) FloatRowsAvx2<6>(s, buf.data(), p, r);
+    switch (s.M - r) {
+      case 1: FloatRowsAvx2<1>(s, buf.data(), p, r); break;
+      case 2: FloatRowsAvx2<2>(s, buf.data(), p, r); break;
+      case 3: FloatRowsAvx2<3>(s, buf.data(), p, r); break;
+      case 4: FloatRowsAvx2<4>(s, buf.data(), p, r); break;
+      case 5: FloatRowsAvx2<5>(s, buf.data(), p, r); break;
+      default: break;
+    }
+    return;
+  }
+  for (; r + 4 <= s.M; r += 4) RowsAvx2<4, kBits>(s, p, r);
   switch (s.M - r) {
-    case 1: RowsAvx2<1>(s, p, r); break;
-    case 2: RowsAvx2<2>(s, p, r); break;
-    case 3: RowsAvx2<3>(s, p, r); break;
+    case 1: RowsAvx2<1, kBits>(s, p, r); break;
+    case 2: RowsAvx2<2, kBits>(s, p, r); break;
+    case 3: RowsAvx2<3, kBits>(s, p, r); break;
     default: break;
   }
 }
@@ -175,12 +258,15 @@ __attribute__((target("avx2,fma"))) void PanelAvx2(const Problem& s, int64_t p) 
 
 #define JPAGED_AVX512 "avx512f,avx512bw,avx512vl,avx2,fma"
 
-template <int R>
+// The AVX2 tile with 16 lanes: the panel's 32 columns in two zmm, up to 6 rows.
+template <int R, int kBits>
 __attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t p, int64_t r0) {
-  const uint8_t* q = s.q + p * s.K * s.row_bytes();
+  constexpr int kPer = 32 / kBits;
+  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
   const float* sc = s.scales + p * s.groups() * kPanel;
   const float* mn = s.mins + p * s.groups() * kPanel;
   const float* x = s.x + r0 * s.K;
+  const __m512i mask = _mm512_set1_epi32((1u << kBits) - 1);
   __m512 out[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) out[r][0] = out[r][1] = _mm512_setzero_ps();
@@ -188,24 +274,19 @@ __attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t
     __m512 acc[R][2];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) {
-      const uint8_t* row = q + k * s.row_bytes();
-      __m128i b0, b1;
-      if (s.bits == 8) {
-        b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-        b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16));
-      } else {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-        b0 = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-        b1 = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-      }
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b0));
-      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b1));
+    for (int64_t o = g * s.G / kPer; o < (g + 1) * s.G / kPer; ++o) {
+      const __m512i w0 = _mm512_loadu_si512(q + o * kPanel);
+      const __m512i w1 = _mm512_loadu_si512(q + o * kPanel + 16);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512 a = _mm512_set1_ps(x[r * s.K + k]);
-        acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+      for (int i = 0; i < kPer; ++i) {
+        const __m512 f0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w0, kBits * i), mask));
+        const __m512 f1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w1, kBits * i), mask));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512 a = _mm512_set1_ps(x[r * s.K + o * kPer + i]);
+          acc[r][0] = _mm512_fmadd_ps(a, f0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(a, f1, acc[r][1]);
+        }
       }
     }
 #pragma GCC unroll 2
@@ -229,15 +310,18 @@ __attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t
   }
 }
 
+template <int kBits>
 __attribute__((target(JPAGED_AVX512))) void PanelAvx512(const Problem& s, int64_t p) {
+  // Many rows: the AVX2 path's dequantize-then-multiply (a zmm float tile is not written yet).
+  if (s.M >= kDequantizeRows) return PanelAvx2<kBits>(s, p);
   int64_t r = 0;
-  for (; r + 6 <= s.M; r += 6) TileAvx512<6>(s, p, r);
+  for (; r + 6 <= s.M; r += 6) TileAvx512<6, kBits>(s, p, r);
   switch (s.M - r) {
-    case 1: TileAvx512<1>(s, p, r); break;
-    case 2: TileAvx512<2>(s, p, r); break;
-    case 3: TileAvx512<3>(s, p, r); break;
-    case 4: TileAvx512<4>(s, p, r); break;
-    case 5: TileAvx512<5>(s, p, r); break;
+    case 1: TileAvx512<1, kBits>(s, p, r); break;
+    case 2: TileAvx512<2, kBits>(s, p, r); break;
+    case 3: TileAvx512<3, kBits>(s, p, r); break;
+    case 4: TileAvx512<4, kBits>(s, p, r); break;
+    case 5: TileAvx512<5, kBits>(s, p, r); break;
     default: break;
   }
 }
@@ -271,16 +355,20 @@ void Drain(Work& w) {
   }
 }
 
-ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> q,
                         ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> mins, ffi::ResultBuffer<ffi::F32> y,
-                        int32_t isa) {
+                        int32_t isa, int32_t bits) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] || qd[1] != xd[1] ||
-      (qd[2] != kPanel && qd[2] != kPanel / 2) || sd[0] != qd[0] || sd[2] != kPanel || sd[1] == 0 ||
+  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("linear_packed: bits must be 4 or 8");
+  const int64_t per = 32 / bits;
+  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
+      qd[1] * per != xd[1] || qd[2] != kPanel || sd[0] != qd[0] || sd[2] != kPanel || sd[1] == 0 ||
+      (xd[1] / sd[1]) % per != 0 ||
       xd[1] % sd[1] != 0 || mins.dimensions().size() != 3 || mins.dimensions()[1] != sd[1] ||
       mins.dimensions()[0] != sd[0] || mins.dimensions()[2] != sd[2] || (yd[1] + kPanel - 1) / kPanel != qd[0]) {
     return ffi::Error::InvalidArgument(
-        "linear_packed: x [M, K], q [ceil(N / 32), K, 16 or 32], scales and mins [ceil(N / 32), K / G, 32], y [M, N]");
+        "linear_packed: x [M, K], q [ceil(N / 32), K * bits / 32, 32], scales and mins [ceil(N / 32), K / G, 32], "
+        "y [M, N]");
   }
   if (isa != kPortable && isa != kAvx2 && isa != kAvx512) return ffi::Error::InvalidArgument("linear_packed: bad isa");
   if (!CpuHas(static_cast<Isa>(isa))) return ffi::Error::InvalidArgument("linear_packed: this CPU lacks the isa");
@@ -290,7 +378,7 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   s.K = xd[1];
   s.N = yd[1];
   s.G = s.K / sd[1];
-  s.bits = qd[2] == kPanel ? 8 : 4;
+  s.bits = bits;
   s.x = x.typed_data();
   s.q = q.typed_data();
   s.scales = scales.typed_data();
@@ -308,7 +396,9 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   s.xsum = xsum->data();
 #ifdef JPAGED_X86
-  work->panel = isa == kAvx512 ? PanelAvx512 : isa == kAvx2 ? PanelAvx2 : PanelPortable;
+  const PanelFn avx2 = s.bits == 4 ? PanelAvx2<4> : PanelAvx2<8>;
+  const PanelFn avx512 = s.bits == 4 ? PanelAvx512<4> : PanelAvx512<8>;
+  work->panel = isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : PanelPortable;
 #else
   work->panel = PanelPortable;
 #endif
@@ -330,8 +420,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearPackedF32, LinearPacked,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("bits"));
