@@ -40,6 +40,9 @@ namespace {
 
 constexpr int kPanel = 32;
 enum Isa : int32_t { kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
+// From this many rows on, the vector paths dequantize each panel once into a float buffer and
+// multiply it as float weights; below, they unpack in registers per tile of rows.
+constexpr int64_t kDequantizeRows = 16;
 
 struct Problem {
   const float* x;
@@ -225,7 +228,6 @@ __attribute__((target("avx2,fma"))) void FloatRowsAvx2(const Problem& s, const f
   if (s.N - p * kPanel > 16) FloatTileAvx2<R>(s, buf, p, r0, 1);
 }
 
-constexpr int64_t kDequantizeRows = 8;  // from this many rows on, dequantize the panel first
 
 template <int kBits>
 __attribute__((target("avx2,fma"))) void PanelAvx2(const Problem& s, int64_t p) {
@@ -385,9 +387,11 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   s.mins = mins.typed_data();
   s.y = y->typed_data();
   if (s.M == 0 || s.N == 0) return ffi::Error::Success();
-  // The group sums of x: sum_k x[r, k] over each group, for the minimums' term.
-  auto xsum = std::make_shared<std::vector<float>>(s.M * s.groups());
-  for (int64_t r = 0; r < s.M; ++r) {
+  // The group sums of x: sum_k x[r, k] over each group, for the minimums' term (the paths that
+  // dequantize a panel first do not need them).
+  const bool factored = isa == kPortable || s.M < kDequantizeRows;
+  auto xsum = std::make_shared<std::vector<float>>(factored ? s.M * s.groups() : 0);
+  for (int64_t r = 0; factored && r < s.M; ++r) {
     for (int64_t g = 0; g < s.groups(); ++g) {
       float t = 0.f;
       for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) t += s.x[r * s.K + k];

@@ -123,3 +123,16 @@ def test_non_finite_scales_are_refused_naming_the_tensor(quantized, tmp_path):
 def test_quantizing_an_already_quantized_gguf_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="already quantized; use --quantization auto"):
         convert_checkpoint(default_model_gguf(), tmp_path / "out", quantization="int4", progress=False)
+
+
+def test_cli_convert_quantization(tiny_models, tmp_path, capsys):
+    """--quantization reaches the converter; an already quantized GGUF asked for int8 is one line."""
+    from jpaged.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["convert", str(tiny_models["llama"][1]), str(out), "--quantization", "int8"]) == 0
+    assert set(checkpoint.stored_quantization(checkpoint.read_manifest(out)).values()) == {PackedFormat(8, 32)}
+    capsys.readouterr()
+    assert main(["convert", str(default_model_gguf()), str(tmp_path / "x"), "--quantization", "int8"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already quantized" in err and not (tmp_path / "x").exists()
