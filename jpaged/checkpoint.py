@@ -82,7 +82,8 @@ def save_params(out_dir: Path, params: ParamTree) -> None:
     checkpointer.wait_until_finished()
 
 
-def write_manifest(out_dir: Path, params: ParamTree, dtype: str, source: str, quant: Quantization | None = None) -> None:
+def write_manifest(out_dir: Path, params: ParamTree, dtype: str, source: str,
+                   quant: Quantization | None = None) -> None:
     """Records every parameter's shape, the packed modules' formats and every file's sha256; written last."""
     manifest = {
         "format": FORMAT,

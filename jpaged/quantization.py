@@ -18,9 +18,7 @@ import re
 
 import numpy as np
 
-from jpaged.models.packed import LEAVES, PackedFormat, quantize_rtn, unpack
-
-Quantization = dict[str, PackedFormat]
+from jpaged.models.packed import LEAVES, PackedFormat, Quantization, quantize_rtn, unpack
 CHOICES = ("auto", "none", "int8", "int4", "int4-g128")
 # scheme -> (bits, group size, symmetric)
 RTN_SCHEMES = {"int8": (8, 32, True), "int4": (4, 32, False), "int4-g128": (4, 128, False)}

@@ -21,7 +21,7 @@ from jpaged import checkpoint, parallel
 from jpaged.config import EngineConfig
 from jpaged.model_files import jpaged_home, resolve_model
 from jpaged.models.config import ModelConfig
-from jpaged.models.llama import Quantization
+from jpaged.models.packed import Quantization
 from jpaged.models.params import ParamTree, abstract_params, flatten, random_params
 from jpaged.runner.batch import BucketSpec
 from jpaged.runner.buckets import power_of_two_buckets, token_buckets

@@ -14,14 +14,11 @@ from jax.sharding import Mesh
 
 from jpaged.models.attention import AttentionMetadata, write_and_attend
 from jpaged.models.config import ModelConfig
-from jpaged.models.packed import LEAVES, PackedFormat, packed_matmul_xla, packed_rows
+from jpaged.models.packed import LEAVES, PackedFormat, Quantization, packed_matmul_xla, packed_rows
 from jpaged.models.rope import apply_rope, inverse_frequencies
 from jpaged.typing import KVCache
 from pallas_kernels.cpu_linear import linear_cpu
 from pallas_kernels.cpu_linear_packed import linear_cpu_packed
-
-# Module path ("layers.0.attn.q_proj", "embed", "lm_head") -> its packed format; absent: float.
-Quantization = dict[str, PackedFormat]
 
 # Random init for dummy weights (benchmarks of large shapes): the usual LLM init scale.
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -154,9 +151,14 @@ class MLP(nnx.Module):
                  quant: Quantization | None = None, prefix: str = ""):
         d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
         quant = quant or {}
-        self.gate_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, backend=linear, packed=quant.get(prefix + "gate_proj"))
-        self.up_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, backend=linear, packed=quant.get(prefix + "up_proj"))
-        self.down_proj = Linear(f, d, bias=b, dtype=dtype, rngs=rngs, backend=linear, packed=quant.get(prefix + "down_proj"))
+
+        def linear_(name: str, in_dim: int, out_dim: int) -> Linear:
+            return Linear(in_dim, out_dim, bias=b, dtype=dtype, rngs=rngs, backend=linear,
+                          packed=quant.get(prefix + name))
+
+        self.gate_proj = linear_("gate_proj", d, f)
+        self.up_proj = linear_("up_proj", d, f)
+        self.down_proj = linear_("down_proj", f, d)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -69,6 +69,10 @@ class PackedFormat:
         return cls(bits=int(d["bits"]), group_size=int(d["group_size"]))
 
 
+# Module path ("layers.0.attn.q_proj", "embed", "lm_head") -> its packed format; absent: float.
+Quantization = dict[str, PackedFormat]
+
+
 def pack_ints(q: np.ndarray, bits: int) -> np.ndarray:
     """q [N, K] integers in [0, 2**bits) -> qweight [N, K * bits / 8] uint8."""
     q = np.asarray(q, np.uint8)

@@ -15,8 +15,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jpaged.models.config import ModelConfig
-from jpaged.models.llama import CausalLM, Quantization
-from jpaged.models.packed import LEAVES
+from jpaged.models.llama import CausalLM
+from jpaged.models.packed import LEAVES, Quantization
 from pallas_kernels.cpu_linear import pack_columns
 from pallas_kernels.cpu_linear_packed import pack_panels
 
