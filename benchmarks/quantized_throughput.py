@@ -4,7 +4,7 @@
 128 new). Each configuration runs in its own process (benchmarks.offline_throughput.spawn), the
 two weight formats alternating, so machine noise hits both alike.
 
-    python -m benchmarks.quantized_throughput --out benchmarks/results/DATE-cpu-quantized-throughput.json
+    python -m benchmarks.quantized_throughput --linear-backend cpu --out benchmarks/results/DATE-cpu-quantized-throughput.json
 """
 
 from __future__ import annotations
@@ -51,13 +51,17 @@ def ratios(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--linear-backend", default="auto",
+                   help="both formats' projections (auto: float32 takes whichever of the C++ kernel and XLA a "
+                        "one-time measurement found faster, which on a busy machine can be either; cpu pins it)")
     p.add_argument("--out", default=None, help="results JSON")
     args = p.parse_args(argv)
     rows = []
     for name in args.workload:
         workload, batch, extra = WORKLOADS[name]
         for quantization in QUANTIZATIONS:
-            res = spawn(workload, "jpaged", None, batch, [*extra, "--quantization", quantization])
+            res = spawn(workload, "jpaged", None, batch,
+                        [*extra, "--quantization", quantization, "--linear-backend", args.linear_backend])
             res.update(workload=name, quantization=quantization)
             rows.append(res)
             print(table(rows[-1:]).splitlines()[-1], flush=True)

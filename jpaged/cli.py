@@ -33,7 +33,7 @@ def _add_engine_args(p: argparse.ArgumentParser, warmup: str) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--attn-backend", default="auto", help="auto | cpu | xla | pallas")
-    p.add_argument("--linear-backend", default="auto", help="auto | cpu | xla (the projections' kernels)")
+    p.add_argument("--linear-backend", default="auto", help="auto | cpu | xla | pallas (the projections' kernels; pallas: packed weights on a GPU)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
                    help="weights: auto (as the checkpoint holds them; a GGUF's 4/8-bit blocks packed), none (float), "
                         "or round-to-nearest of a float checkpoint's layers at load")

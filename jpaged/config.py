@@ -37,7 +37,8 @@ class EngineConfig:
     one-time measurement finds faster here), cpu, xla, pallas."""
     linear_backend: str = "auto"
     """Projections: auto (xla on a GPU; on a CPU for float32 the faster of the C++ kernel and xla,
-    as measured once), cpu, xla."""
+    as measured once, and for packed weights the C++ packed kernel), cpu, xla, pallas (packed
+    weights through the Pallas GPU kernel)."""
     quantization: str = "auto"
     """Weights: auto (as the checkpoint holds them: a GGUF's 4/8-bit blocks packed, float as float),
     none (float: packed weights unpacked at load), int8, int4, int4-g128 (round-to-nearest group

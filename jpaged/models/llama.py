@@ -19,6 +19,7 @@ from jpaged.models.rope import apply_rope, inverse_frequencies
 from jpaged.typing import KVCache
 from pallas_kernels.cpu_linear import linear_cpu
 from pallas_kernels.cpu_linear_packed import linear_cpu_packed
+from pallas_kernels.packed_matmul import packed_matmul
 
 # Random init for dummy weights (benchmarks of large shapes): the usual LLM init scale.
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -44,7 +45,8 @@ class Linear(nnx.Module):
     With linear backend "cpu" the kernel is held packed for the C++ kernel
     (pallas_kernels.cpu_linear.pack_columns, [ceil(out / 32), in, 32]); build_model packs it.
     With `packed` (a PackedFormat) the kernel is three leaves, qweight/scales/mins [out, ...],
-    read by XLA (unpacked inside the step) or by the C++ kernel (cpu_linear_packed's panels).
+    read by XLA (unpacked inside the step), by the C++ kernel (cpu_linear_packed's panels) or,
+    with backend "pallas", by the Pallas GPU kernel (pallas_kernels.packed_matmul).
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs | None, backend: str = "xla",
@@ -63,6 +65,10 @@ class Linear(nnx.Module):
             leaves = (self.qweight[...], self.scales[...], self.mins[...])
             if self.backend == "cpu":
                 y = linear_cpu_packed(x, *leaves, self.packed, self.out_dim)
+            elif self.backend == "pallas":
+                rows = x.reshape(-1, x.shape[-1])
+                y = packed_matmul(rows, *leaves, bits=self.packed.bits, group_size=self.packed.group_size)
+                y = y.reshape(*x.shape[:-1], self.out_dim)
             else:
                 y = packed_matmul_xla(x, *leaves, self.packed)
         elif self.backend == "cpu":

@@ -57,3 +57,15 @@ def test_lowers_to_triton(bits, group, m):
             S((n, k // group), jnp.float32))
     text = lower_for_cuda(functools.partial(packed_matmul, bits=bits, group_size=group), *args)
     assert pltriton.CUSTOM_CALL_TARGET_NAME in text
+
+
+def test_model_linear_with_pallas_backend_lowers_to_triton():
+    """The model's packed projection with linear backend "pallas" calls this kernel."""
+    from flax import nnx
+
+    from jpaged.models.llama import Linear
+
+    layer = Linear(256, 96, bias=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), backend="pallas",
+                   packed=PackedFormat(4, 32))
+    text = lower_for_cuda(lambda x: layer(x), jax.ShapeDtypeStruct((3, 256), jnp.bfloat16))
+    assert pltriton.CUSTOM_CALL_TARGET_NAME in text
