@@ -156,7 +156,7 @@ def _cmd_cache(args: argparse.Namespace) -> None:
 
 # jpaged bench KIND -> the benchmarks module whose main(argv) runs it
 BENCHMARKS = {"throughput": "benchmarks.throughput", "serve": "benchmarks.serve_bench", "sweep": "benchmarks.sweep",
-              "startup": "benchmarks.startup"}
+              "startup": "benchmarks.startup", "quantized": "benchmarks.quantized_throughput"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", action="append", help="with clear: only this kind (repeatable; see `jpaged cache info`)")
     p.set_defaults(func=_cmd_cache)
 
-    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), sweep (vs HF), startup")
+    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), "
+                                     "sweep (vs HF), startup, quantized (float32 vs packed weights, side by side)")
     p.add_argument("kind", choices=list(BENCHMARKS), help="which benchmark; `jpaged bench KIND --help` for its options")
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench)
