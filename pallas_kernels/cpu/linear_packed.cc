@@ -8,16 +8,18 @@
 //   mins    [P, K / G, 32]
 //   y       [M, N]            P = ceil(N / 32); columns past N have zero scale and minimum
 //
-// w[k, c] = scale[g, c] * q[k, c] + min[g, c] with g = k / G, so per group
+// w[k, c] = scale[g, c] * q[k, c] + min[g, c] with g = k / G. Below kDequantizeRows rows, per group
 //   y[r, c] += scale[g, c] * sum_k x[r, k] q[k, c]  +  min[g, c] * sum_k x[r, k]
-// The inner sum multiplies x by the integers converted to float (exact), one FMA a weight and
-// row; the group sums of x are computed once per call. At decode (M = 1) the weights stream from
-// memory at 0.5-1 byte each instead of 4, which is the whole point.
+// where the inner sum multiplies x by the integers converted to float (exact), one FMA a weight
+// and row, and the group sums of x are computed once per call. At decode (M = 1) the weights
+// stream from memory at 0.5-1 byte each instead of 4, which is the whole point. From
+// kDequantizeRows rows on (prefill, large batches) the FLOPs dominate instead: each panel is
+// dequantized once into a float buffer and multiplied as float weights.
 //
 // Three code paths, chosen by the caller (pallas_kernels/cpu_linear_packed.py, from the CPU's
-// flags) and checked here against the CPU: AVX-512 (32 columns in two zmm), AVX2/FMA (16
-// columns in two ymm, the whole panel for one row) and portable C++. The vector paths are compiled
-// with target attributes, so every build has all three whatever -march says.
+// flags) and checked here against the CPU: AVX-512 (the panel's 32 columns in two zmm), AVX2/FMA
+// (32 columns in four ymm for one row, 16 in two for more) and portable C++. The vector paths
+// are compiled with target attributes, so every build has all three whatever -march says.
 
 #include <algorithm>
 #include <atomic>
