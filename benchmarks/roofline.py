@@ -71,7 +71,9 @@ def weight_bytes(runner) -> int:
     table that is only gathered from (when a separate lm_head, packed copy or untied, does the projection)."""
     total = sum(_device_bytes(leaf) for leaf in jax.tree.leaves(runner.state))
     has_head = "lm_head" in runner.state and runner.state["lm_head"] is not None
-    return total - (_device_bytes(runner.state["embed"][...]) if has_head else 0)
+    # The embedding: one array, or a packed table's leaves (jpaged.models.packed).
+    embed = sum(_device_bytes(leaf) for leaf in jax.tree.leaves(runner.state["embed"]))
+    return total - (embed if has_head else 0)
 
 
 def kv_bytes_per_position(runner) -> int:

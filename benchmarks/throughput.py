@@ -44,6 +44,7 @@ class ThroughputConfig:
     hf_mode: str = "static-cache"
     linear_backend: str = "auto"  # jpaged's projections: auto | cpu | xla
     tensor_parallel_size: int = 1  # jpaged: devices the model is split over
+    quantization: str = "auto"  # jpaged's weights: auto (as stored) | none | int8 | int4 | int4-g128
 
 
 def dummy_config_path(name: str) -> pathlib.Path:
@@ -98,7 +99,7 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
     max_len = cfg.max_model_len or max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
     kwargs = dict(dtype=cfg.dtype, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                   max_model_len=max_len, linear_backend=cfg.linear_backend,
-                  tensor_parallel_size=cfg.tensor_parallel_size,
+                  tensor_parallel_size=cfg.tensor_parallel_size, quantization=cfg.quantization,
                   warmup="full")  # every shape compiled before the clock starts, as a server would
     model = cfg.model
     if cfg.dummy_config:
@@ -147,6 +148,8 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
         kv_waste=1 - used / allocated if allocated else 0.0,
         peak_device_mib=_peak_device_mib_jax(),
         decode_roofline=roofline.as_dict(),
+        quantization=cfg.quantization, weight_format=engine.weight_format, weight_bytes=engine.weight_bytes,
+        linear_backend=engine.linear_backend,
     )
 
 
@@ -253,6 +256,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--linear-backend", default="auto", help="jpaged's projections: auto | cpu | xla")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "int4-g128"],
+                   help="jpaged's weights: auto (as stored: the default model's 4-bit blocks packed), none (float32)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                    help="jpaged: devices to split the model over (on a CPU, XLA_FLAGS="
                         "--xla_force_host_platform_device_count=N before the run gives N host devices)")
@@ -280,7 +285,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     cfg = ThroughputConfig(backend=args.backend, model=args.model, dummy_config=args.dummy_config, dtype=args.dtype,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, hf_mode=args.hf_mode,
-                           linear_backend=args.linear_backend, tensor_parallel_size=args.tensor_parallel_size)
+                           linear_backend=args.linear_backend, tensor_parallel_size=args.tensor_parallel_size,
+                           quantization=args.quantization)
     work = workload_from_args(args, vocab_size_of(cfg.model, cfg.dummy_config))
     res = run(cfg, work)
     res.update(dataset=args.workload or args.dataset, meta=device_info())

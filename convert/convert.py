@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.gguf_source import GGUFSource
+from convert.gguf_source import GGUFSource, PackedTensor
 from convert.hf_source import PICKLE_SUFFIXES, HFSource
 from convert.names import map_name
 from jpaged import checkpoint
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import abstract_params, flatten, unflatten
+from jpaged.quantization import CHOICES, Quantization, describe, quantize_flat, weight_bytes
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,15 +45,19 @@ def _numpy_dtype(name: str):
     return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
-def _collect_params(source, config: ModelConfig, dtype: str, progress: bool) -> dict[str, np.ndarray]:
-    """Maps every source tensor to our tree; every expected parameter must be filled exactly once."""
+def _collect_params(source, config: ModelConfig, dtype: str, progress: bool,
+                    packed: bool = False) -> tuple[dict[str, np.ndarray], Quantization]:
+    """Maps every source tensor to our tree; every expected parameter must be filled exactly once.
+    With packed=True (a GGUF under --quantization auto) block-typed tensors stay packed."""
     from tqdm import tqdm
 
     expected = {name: x.shape for name, x in flatten(abstract_params(config)).items()}
     params: dict[str, np.ndarray] = {}
+    quant: Quantization = {}
     target = _numpy_dtype(dtype)
+    tensors = source.tensors(packed=True) if packed else source.tensors()
     with tqdm(total=source.num_tensors(), desc="converting", unit="tensor", disable=not progress) as bar:
-        for hf_name, tensor in source.tensors():
+        for hf_name, tensor in tensors:
             bar.update(1)
             try:
                 mapped = map_name(hf_name, tied_embeddings=config.tie_word_embeddings)
@@ -63,23 +68,45 @@ def _collect_params(source, config: ModelConfig, dtype: str, progress: bool) -> 
             path, transform = mapped
             if path not in expected:
                 raise ConversionError(f"tensor {hf_name} maps to {path}, which {config.architecture} does not have")
+            if isinstance(tensor, PackedTensor):
+                _add_packed(params, quant, hf_name, path, tensor, expected[path])
+                continue
             value = transform(np.asarray(tensor)).astype(target)
             if value.shape != expected[path]:
                 raise ConversionError(
                     f"tensor {hf_name} has shape {tuple(tensor.shape)}; config expects {path} of shape {expected[path]}"
                 )
             params[path] = value
-    missing = sorted(set(expected) - set(params))
+    missing = sorted(set(expected) - set(params) - {"embed" if m == "embed" else f"{m}.kernel" for m in quant})
     if missing:
         raise ConversionError(f"missing tensor for {missing[0]} ({len(missing)} missing in all)")
-    return params
+    return params, quant
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True) -> Path:
-    """Converts src into a jpaged checkpoint at out. Raises ConversionError with a one-line reason."""
+def _add_packed(params: dict, quant: Quantization, hf_name: str, path: str, tensor: PackedTensor, shape) -> None:
+    """A packed GGUF tensor as the packed leaves of the module that `path` (a kernel or the embedding) names."""
+    out, inp = tensor.shape
+    logical = (out, inp) if path == "embed" else (inp, out)  # kernels are [in, out], the embedding [V, D]
+    if logical != tuple(shape) or not (path == "embed" or path.endswith(".kernel")):
+        raise ConversionError(f"tensor {hf_name} ({tensor.type_name}) has shape {(out, inp)}; "
+                              f"config expects {path} of shape {tuple(shape)}")
+    module = path.removesuffix(".kernel")
+    params.update({f"{module}.{leaf}": value for leaf, value in tensor.leaves.items()})
+    quant[module] = tensor.fmt
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True,
+                       quantization: str = "auto") -> Path:
+    """Converts src into a jpaged checkpoint at out. Raises ConversionError with a one-line reason.
+
+    quantization (jpaged.quantization): auto keeps a GGUF's block types packed and float float;
+    none stores float; int8/int4/int4-g128 round a float source's layers to nearest.
+    """
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantization not in CHOICES:
+        raise ConversionError(f"unsupported --quantization {quantization!r}; choose one of {', '.join(CHOICES)}")
     if out.exists():
         raise ConversionError(f"{out} already exists; remove it or choose another output folder")
     start = time.perf_counter()
@@ -89,7 +116,12 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = 
     except (ValueError, KeyError) as e:
         raise ConversionError(f"{src}: {e}") from None
     dtype = dtype or (source.dtype if source.dtype in DTYPES else "float32")
-    params = _collect_params(source, config, dtype, progress)
+    is_gguf = isinstance(source, GGUFSource)
+    if quantization not in ("auto", "none") and is_gguf and source.is_quantized():
+        raise ConversionError(f"{src.name} is already quantized; use --quantization auto (keep it) or none (float)")
+    params, quant = _collect_params(source, config, dtype, progress, packed=is_gguf and quantization == "auto")
+    if quantization not in ("auto", "none"):
+        params, quant = quantize_flat(params, quantization)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -98,13 +130,13 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = 
         source.copy_side_files(tmp)
         tree = unflatten(params)
         checkpoint.save_params(tmp, tree)
-        checkpoint.write_manifest(tmp, tree, dtype, source=src.name)
+        checkpoint.write_manifest(tmp, tree, dtype, source=src.name, quant=quant)
         tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if progress:
-        print(f"converted {src.name} -> {out} ({dtype}, {config.num_params() / 1e6:.1f}M params) "
-              f"in {time.perf_counter() - start:.1f}s")
+        print(f"converted {src.name} -> {out} ({dtype}, {describe(quant)}, {config.num_params() / 1e6:.1f}M params, "
+              f"{weight_bytes(params.values()) / 2**20:.1f} MiB of weights) in {time.perf_counter() - start:.1f}s")
     return out

@@ -1,12 +1,14 @@
-"""Reads a llama.cpp GGUF file: metadata -> HF config, tensors dequantized to float32 with HF names.
-
-Dequantization uses the gguf package's numpy code. llama.cpp stores the q/k projection rows of
+"""Reads a llama.cpp GGUF file: metadata -> HF config, tensors with HF names: packed as they are
+stored (convert/gguf_packed.py, exact) or dequantized to float32 by the gguf package's numpy code.
+ llama.cpp stores the q/k projection rows of
 Llama models permuted for its interleaved rotary layout; we undo that the way transformers'
 GGUF loader does, so the result is exactly the HF checkpoint transformers would build.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +16,24 @@ from typing import Any, Iterator
 import numpy as np
 
 from convert.errors import ConversionError
+from convert.gguf_packed import to_packed
+from jpaged.models.packed import PackedFormat
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PackedTensor:
+    """A GGUF tensor in jpaged's packed format: leaves {qweight, scales, mins} [N, ...], rows = outputs."""
+
+    leaves: dict[str, np.ndarray]
+    fmt: PackedFormat
+    type_name: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The HF weight's [out, in]."""
+        return self.leaves["scales"].shape[0], self.leaves["scales"].shape[1] * self.fmt.group_size
 
 # GGUF architectures we read, with the HF architecture they become.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -132,20 +152,39 @@ class GGUFSource:
             raise ConversionError(f"{self.path.name}: unknown GGUF tensor {name}")
         return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def is_quantized(self) -> bool:
+        """Whether any tensor is stored in a block type (anything but F32/F16/BF16)."""
+        return any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in self.reader.tensors)
+
+    def tensors(self, *, packed: bool = False) -> Iterator[tuple[str, np.ndarray | PackedTensor]]:
+        """(HF name, float32 weight) per tensor; with packed=True, 2-D tensors of a type with an
+        exact packed form come as PackedTensor instead (others dequantized, with a log line)."""
         from gguf.quants import dequantize
 
         cfg = self.hf_config
         for tensor in self.reader.tensors:
             hf_name = self._hf_name(tensor.name)
-            try:
-                weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-            except Exception as e:
-                raise ConversionError(f"{self.path.name}: cannot dequantize {tensor.name} ({e})") from None
-            if hf_name.endswith("q_proj.weight"):
-                weight = reverse_permute(weight, cfg["num_attention_heads"])
-            elif hf_name.endswith("k_proj.weight"):
-                weight = reverse_permute(weight, cfg["num_key_value_heads"])
+            type_name = tensor.tensor_type.name
+            weight = None
+            if packed and type_name not in ("F32", "F16", "BF16") and len(tensor.shape) == 2:
+                mapped = to_packed(tensor.data, type_name)
+                if mapped is None:
+                    log.info("%s: %s is %s, which has no exact packed form; dequantized to float32",
+                             self.path.name, tensor.name, type_name)
+                else:
+                    weight = PackedTensor(*mapped, type_name)
+            if weight is None:
+                try:
+                    weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+                except Exception as e:
+                    raise ConversionError(f"{self.path.name}: cannot dequantize {tensor.name} ({e})") from None
+            heads = {"q_proj.weight": cfg["num_attention_heads"], "k_proj.weight": cfg["num_key_value_heads"]}
+            for suffix, num_heads in heads.items():
+                if hf_name.endswith(suffix):  # rows are outputs, in both forms
+                    if isinstance(weight, PackedTensor):
+                        weight.leaves = {k: reverse_permute(v, num_heads) for k, v in weight.leaves.items()}
+                    else:
+                        weight = reverse_permute(weight, num_heads)
             yield hf_name, weight
 
     def copy_side_files(self, out: Path) -> None:

@@ -5,7 +5,8 @@
       generation_config.json    when the source had one
       tokenizer.json, tokenizer_config.json, ...   with the chat template
       params/                   orbax checkpoint of the parameter tree
-      jpaged_manifest.json      format version, dtype, every parameter's shape, every file's sha256
+      jpaged_manifest.json      format version, dtype, every parameter's shape, every file's sha256,
+                                and "quantization": {module path: {bits, group_size}} for packed modules
 
 Every file is sha256-checked against the manifest once; afterwards a stamp of it (size, mtime, ctime,
 inode) in $JPAGED_HOME/verified/ stands in for the hash, and only files whose stamp changed are hashed
@@ -37,6 +38,10 @@ import numpy as np
 
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import ParamTree, abstract_params, flatten, unflatten
+from jpaged.quantization import (
+    Quantization, check_choice, dequantize_flat, describe, packed_module, quant_from_json,
+    quant_to_json, quantize_flat, rtn_plan,
+)
 
 MANIFEST = "jpaged_manifest.json"
 PARAMS_DIR = "params"
@@ -77,13 +82,15 @@ def save_params(out_dir: Path, params: ParamTree) -> None:
     checkpointer.wait_until_finished()
 
 
-def write_manifest(out_dir: Path, params: ParamTree, dtype: str, source: str) -> None:
-    """Records every parameter's shape and every file's sha256; written last."""
+def write_manifest(out_dir: Path, params: ParamTree, dtype: str, source: str,
+                   quant: Quantization | None = None) -> None:
+    """Records every parameter's shape, the packed modules' formats and every file's sha256; written last."""
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "dtype": dtype,
         "source": source,
+        "quantization": quant_to_json(quant or {}),
         "params": {name: list(np.shape(x)) for name, x in flatten(params).items()},
         "files": {str(p.relative_to(out_dir)): _sha256(p) for p in _files(out_dir)},
     }
@@ -172,9 +179,22 @@ def verify_files(ckpt_dir: Path, manifest: dict[str, Any]) -> int:
     return num_hashed
 
 
+def stored_quantization(manifest: dict[str, Any], ckpt_dir: Path | None = None) -> Quantization:
+    """The packed modules' formats the manifest records ({} for a float checkpoint)."""
+    try:
+        return quant_from_json(manifest.get("quantization"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt_dir}: bad quantization entry in the manifest: {e}") from None
+
+
 def verify_shapes(ckpt_dir: Path, config: ModelConfig, manifest: dict[str, Any]) -> None:
-    """Checks every stored parameter's shape against the config, before anything reaches the device."""
-    expected = {name: list(x.shape) for name, x in flatten(abstract_params(config)).items()}
+    """Checks every stored parameter's shape against the config (and the packed formats the
+    manifest names), before anything reaches the device."""
+    try:
+        abstract = abstract_params(config, quant=stored_quantization(manifest, ckpt_dir))
+    except ValueError as e:  # a group size that does not divide a layer's input
+        raise CheckpointError(f"{ckpt_dir}: {e}") from None
+    expected = {name: list(x.shape) for name, x in flatten(abstract).items()}
     stored = manifest["params"]
     for name in sorted(set(expected) | set(stored)):
         if name not in stored:
@@ -209,23 +229,25 @@ def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _start_reads(params_dir: Path, shapes: dict[str, list[int]], dtype) -> tuple[list[np.ndarray], list[Any]]:
-    """Starts reading each parameter {name: shape} into a new host array in `dtype`; returns the arrays
-    and TensorStore's futures. All reads are in flight at once on its threads, each cast during its decode.
+    """Starts reading each parameter {name: shape} into a new host array in `dtype` (packed leaves
+    in their stored dtype: uint8 integers, float32 scales); returns the arrays and TensorStore's
+    futures. All reads are in flight at once on its threads, each cast during its decode.
     """
     import tensorstore as ts
 
     specs = _array_specs(params_dir, list(shapes))
     context = ts.Context()  # shared: one OCDBT manifest read and one thread pool for all arrays
-    dtype = np.dtype(dtype)
+    dtypes = [np.dtype(np.uint8 if name.endswith(".qweight") else np.float32 if packed_module(name) else dtype)
+              for name in shapes]
     with _reading(params_dir):
         opening = [ts.open(spec, read=True, context=context) for spec in specs]
-        stores = [ts.cast(future.result(), ts.dtype(dtype.name)) for future in opening]
+        stores = [ts.cast(future.result(), ts.dtype(dt.name)) for future, dt in zip(opening, dtypes)]
     for (name, shape), store in zip(shapes.items(), stores):
         if list(store.shape) != shape:  # TensorStore would broadcast a size-1 dimension
             raise CheckpointError(
                 f"{params_dir}: {name} is stored as {tuple(store.shape)}, the manifest says {tuple(shape)}"
             )
-    arrays = [_aligned_empty(tuple(shape), dtype) for shape in shapes.values()]
+    arrays = [_aligned_empty(tuple(shape), dt) for shape, dt in zip(shapes.values(), dtypes)]
     with _reading(params_dir):
         return arrays, [ts.array(out, copy=False, write=True).write(store) for out, store in zip(arrays, stores)]
 
@@ -238,6 +260,21 @@ def _reading(params_dir: Path):
         raise CheckpointError(f"{params_dir}: cannot read the parameters: {e}") from None
 
 
+def served_quantization(ckpt_dir: str | Path, config: ModelConfig, quantization: str = "auto") -> Quantization:
+    """The packed modules the model is served with, for a `--quantization` choice: the checkpoint's
+    own (auto), none, or a round-to-nearest scheme of a float checkpoint's layers."""
+    check_choice(quantization)
+    stored = stored_quantization(read_manifest(Path(ckpt_dir)), ckpt_dir)
+    if quantization == "auto":
+        return stored
+    if quantization == "none":
+        return {}
+    if stored:
+        raise ValueError(f"{Path(ckpt_dir).name} is already quantized ({describe(stored)}); "
+                         f"use quantization auto (as stored) or none (float), not {quantization}")
+    return rtn_plan({name: x.shape for name, x in flatten(abstract_params(config)).items()}, quantization)
+
+
 def load_params(
     ckpt_dir: str | Path,
     config: ModelConfig,
@@ -246,8 +283,10 @@ def load_params(
     check_hashes: bool = True,
     sharding: jax.sharding.Sharding | Callable[[str], jax.sharding.Sharding] | None = None,
     transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    quantization: str = "auto",
 ) -> ParamTree:
-    """Verifies a checkpoint and restores its parameters as jax arrays in `dtype`.
+    """Verifies a checkpoint and restores its parameters as jax arrays in `dtype` (packed leaves
+    keep theirs: uint8 integers, float32 scales and minimums).
 
     Args:
         sharding: where each array goes: one Sharding for all, or a function of the dotted parameter
@@ -266,6 +305,20 @@ def load_params(
     with _reading(ckpt_dir / PARAMS_DIR):
         for read in reads:
             read.result()
+    stored = stored_quantization(manifest, ckpt_dir)
+    for name, x in zip(names, arrays):
+        # A NaN or infinite scale would silently poison every weight of its group.
+        if name.endswith((".scales", ".mins")) and not np.isfinite(x).all():
+            raise CheckpointError(f"{ckpt_dir}: packed tensor {name} holds non-finite values")
+    if quantization != "auto" and (stored or quantization != "none"):
+        flat = dict(zip(names, arrays))
+        if quantization == "none":
+            flat = dequantize_flat(flat, stored)
+        else:
+            served_quantization(ckpt_dir, config, quantization)  # refuses an already packed checkpoint
+            flat, _ = quantize_flat(flat, quantization)
+        names = sorted(flat)
+        arrays = [flat[name] if packed_module(name) else np.asarray(flat[name], dtype) for name in names]
     if transform is not None:
         arrays = [transform(name, x) for name, x in zip(names, arrays)]
     if sharding is None:

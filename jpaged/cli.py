@@ -15,6 +15,10 @@ DEMO_PROMPTS = [
 ]
 
 
+# jpaged.quantization.CHOICES, written out: the parser must not import jax.
+QUANTIZATION_CHOICES = ["auto", "none", "int8", "int4", "int4-g128"]
+
+
 class CLIError(Exception):
     """A user error: printed as one line, exit status 1."""
 
@@ -29,7 +33,10 @@ def _add_engine_args(p: argparse.ArgumentParser, warmup: str) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--attn-backend", default="auto", help="auto | cpu | xla | pallas")
-    p.add_argument("--linear-backend", default="auto", help="auto | cpu | xla (the projections' kernels)")
+    p.add_argument("--linear-backend", default="auto", help="auto | cpu | xla | pallas (the projections' kernels; pallas: packed weights on a GPU)")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                   help="weights: auto (as the checkpoint holds them; a GGUF's 4/8-bit blocks packed), none (float), "
+                        "or round-to-nearest of a float checkpoint's layers at load")
     p.add_argument("--warmup", default=warmup, choices=["full", "lazy"],
                    help=f"compile every step shape before ready (full) or each when first needed (lazy); default {warmup}")
     p.add_argument("--seed", type=int, default=0)
@@ -40,14 +47,14 @@ def _add_engine_args(p: argparse.ArgumentParser, warmup: str) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
              "num_kv_blocks", "block_size", "attn_backend", "linear_backend", "warmup", "seed",
-             "tensor_parallel_size"]
+             "tensor_parallel_size", "quantization"]
     return {name: getattr(args, name) for name in names}
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from convert.convert import convert_checkpoint
 
-    convert_checkpoint(args.src, args.out, dtype=args.dtype)
+    convert_checkpoint(args.src, args.out, dtype=args.dtype, quantization=args.quantization)
 
 
 def _read_prompts(path: str) -> list[str | dict]:
@@ -150,7 +157,7 @@ def _cmd_cache(args: argparse.Namespace) -> None:
 
 # jpaged bench KIND -> the benchmarks module whose main(argv) runs it
 BENCHMARKS = {"throughput": "benchmarks.throughput", "serve": "benchmarks.serve_bench", "sweep": "benchmarks.sweep",
-              "startup": "benchmarks.startup"}
+              "startup": "benchmarks.startup", "quantized": "benchmarks.quantized_throughput"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -169,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="HF model folder (config.json, *.safetensors, tokenizer) or a .gguf file")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the source's dtype")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                   help="auto: keep a GGUF's 4/8-bit blocks packed, float as float; none: float; int8 (symmetric, "
+                        "groups of 32), int4 (asymmetric, groups of 32), int4-g128: round a float source to nearest")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate completions (default: a demo batch of chat prompts)")
@@ -217,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", action="append", help="with clear: only this kind (repeatable; see `jpaged cache info`)")
     p.set_defaults(func=_cmd_cache)
 
-    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), sweep (vs HF), startup")
+    p = sub.add_parser("bench", help="benchmarks: throughput (offline), serve (online, any OpenAI URL), "
+                                     "sweep (vs HF), startup, quantized (float32 vs packed weights, side by side)")
     p.add_argument("kind", choices=list(BENCHMARKS), help="which benchmark; `jpaged bench KIND --help` for its options")
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench)

@@ -37,7 +37,12 @@ class EngineConfig:
     one-time measurement finds faster here), cpu, xla, pallas."""
     linear_backend: str = "auto"
     """Projections: auto (xla on a GPU; on a CPU for float32 the faster of the C++ kernel and xla,
-    as measured once), cpu, xla."""
+    as measured once, and for packed weights the C++ packed kernel), cpu, xla, pallas (packed
+    weights through the Pallas GPU kernel)."""
+    quantization: str = "auto"
+    """Weights: auto (as the checkpoint holds them: a GGUF's 4/8-bit blocks packed, float as float),
+    none (float: packed weights unpacked at load), int8, int4, int4-g128 (round-to-nearest group
+    quantization of a float checkpoint's layers at load; jpaged.quantization)."""
     warmup: str = "lazy"
     """When step shapes are compiled: full (every bucket before the engine is ready: no compile
     while serving; `jpaged serve`'s default) or lazy (a shape when a step first needs it; the
@@ -63,5 +68,7 @@ class EngineConfig:
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]")
         check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
         check(self.warmup in ("full", "lazy"), "warmup", "full|lazy")
+        check(self.quantization in ("auto", "none", "int8", "int4", "int4-g128"), "quantization",
+              "auto|none|int8|int4|int4-g128")
         check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", ">= 1")

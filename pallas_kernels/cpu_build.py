@@ -27,6 +27,7 @@ _SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cc"))
 TARGETS = {
     "jpaged_paged_attention_f32": "JpagedPagedAttentionF32",
     "jpaged_linear_f32": "JpagedLinearF32",
+    "jpaged_linear_packed_f32": "JpagedLinearPackedF32",
 }
 # -ffast-math would let the compiler assume no infinities; these are the parts of it that let
 # the reductions vectorize.

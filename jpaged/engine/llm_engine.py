@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
 import numpy as np
 
 from jpaged import parallel
@@ -29,6 +30,7 @@ from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import build_model
+from jpaged.quantization import describe, weight_bytes
 from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
@@ -91,18 +93,22 @@ class LLMEngine:
             with phases("load_weights"):
                 loaded = load_model(config, folder)
             self.model_config, self.tokenizer, self.model_dir = loaded.config, loaded.tokenizer, loaded.folder
+            # As loaded (the checkpoint's tensors): what a decode step streams, packed or float.
+            self.weight_bytes = weight_bytes(jax.tree.leaves(loaded.params))
+            self.weight_format = describe(loaded.quant)
             self.max_model_len = max_model_len(config, loaded.config)
             with phases("kernels"):  # the CPU kernels are built (once per machine) and measured here
                 backend = resolve_backend(config.attn_backend, loaded.dtype)
                 linear = resolve_linear_backend(config.linear_backend, loaded.dtype,
-                                                tensor_parallel_size=config.tensor_parallel_size)
+                                                tensor_parallel_size=config.tensor_parallel_size,
+                                                packed=bool(loaded.quant))
             self.attn_backend, self.linear_backend = backend, linear
             # run_config: KV heads repeated up to the device count (jpaged.parallel), if needed.
             spec = bucket_spec(config, loaded.run_config, self.max_model_len, loaded.dtype, attn_backend=backend,
                                num_pages=kv_pools and kv_pools[0])
             with phases("build_model"):
                 model = build_model(loaded.run_config, loaded.params, backend=backend, linear=linear,
-                                    dtype=loaded.dtype, mesh=loaded.mesh)
+                                    dtype=loaded.dtype, mesh=loaded.mesh, quant=loaded.quant)
                 self.runner = ModelRunner(model, spec, kv_dtype=loaded.dtype, mesh=loaded.mesh,
                                           kv_caches=kv_pools and kv_pools[1].result())
             self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
@@ -130,11 +136,12 @@ class LLMEngine:
             logger.info("%s", parallel.describe(loaded.mesh, runner.state, runner.kv_caches, loaded.config,
                                                 loaded.run_config, self.kv_capacity_tokens))
         logger.info(
-            "loaded %s (%s, %.1fM params, %s, attention %s, linear %s) in %.1fs; KV cache: %d blocks = %d tokens; "
+            "loaded %s (%s, %.1fM params, %s, weights %s: %.1f MiB, attention %s, linear %s) in %.1fs; "
+            "KV cache: %d blocks = %d tokens; "
             "warm-up %s: %d of %d shapes ready in %.1fs (%d executables loaded, %d compiled, %d traced, "
             "%d stored ones loading in the background)",
             self.model_dir.name, self.model_config.architecture, self.model_config.num_params() / 1e6,
-            loaded.dtype.name, backend, linear, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
+            loaded.dtype.name, self.weight_format, self.weight_bytes / 2**20, backend, linear, self.load_seconds, spec.num_pages - 1, self.kv_capacity_tokens,
             config.warmup, len(shapes), len(spec.shapes()), self.warmup_seconds, runner.num_executables_loaded,
             runner.num_compiles, runner.num_traces, runner.num_deferred_loads,
         )

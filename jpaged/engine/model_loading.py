@@ -21,6 +21,7 @@ from jpaged import checkpoint, parallel
 from jpaged.config import EngineConfig
 from jpaged.model_files import jpaged_home, resolve_model
 from jpaged.models.config import ModelConfig
+from jpaged.models.packed import Quantization
 from jpaged.models.params import ParamTree, abstract_params, flatten, random_params
 from jpaged.runner.batch import BucketSpec
 from jpaged.runner.buckets import power_of_two_buckets, token_buckets
@@ -39,6 +40,7 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer, or None for token-id-only models
     mesh: Mesh | None = None  # tensor parallelism's, or None on one device
     run_config: ModelConfig | None = None  # what the model and KV pools are built from (KV heads repeated)
+    quant: Quantization = dataclasses.field(default_factory=dict)  # packed modules (jpaged.models.packed)
 
     def __post_init__(self):
         if self.run_config is None:
@@ -159,13 +161,15 @@ def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
     any read."""
     dtype = runtime_dtype(config.dtype)
     model_config = ModelConfig.from_file(model_config_file(config, folder))
+    quant = {} if config.load_format == "dummy" else checkpoint.served_quantization(folder, model_config,
+                                                                                    config.quantization)
     tp = config.tensor_parallel_size
     mesh, run_config, shardings, repeat = None, model_config, None, None
     if tp > 1:
         parallel.validate(model_config, tp)
         mesh = parallel.make_mesh(tp)
         run_config = parallel.sharded_model_config(model_config, tp)
-        shapes = {name: x.shape for name, x in flatten(abstract_params(run_config)).items()}
+        shapes = {name: x.shape for name, x in flatten(abstract_params(run_config, quant=quant)).items()}
         shardings = parallel.param_shardings(shapes, mesh)
         repeat = functools.partial(parallel.repeat_kv_heads, config=model_config, tensor_parallel_size=tp)
     with ThreadPoolExecutor(1, thread_name_prefix="jpaged-tokenizer") as pool:
@@ -174,8 +178,9 @@ def load_model(config: EngineConfig, folder: Path) -> LoadedModel:
             params = random_params(model_config, dtype, seed=config.seed, transform=repeat, shardings=shardings)
         else:
             params = checkpoint.load_params(folder, model_config, dtype, transform=repeat,
-                                            sharding=None if shardings is None else shardings.__getitem__)
-        return LoadedModel(folder, model_config, params, dtype, tokenizer.result(), mesh, run_config)
+                                            sharding=None if shardings is None else shardings.__getitem__,
+                                            quantization=config.quantization)
+        return LoadedModel(folder, model_config, params, dtype, tokenizer.result(), mesh, run_config, quant)
 
 
 def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:

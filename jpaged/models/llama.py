@@ -14,9 +14,12 @@ from jax.sharding import Mesh
 
 from jpaged.models.attention import AttentionMetadata, write_and_attend
 from jpaged.models.config import ModelConfig
+from jpaged.models.packed import LEAVES, PackedFormat, Quantization, packed_matmul_xla, packed_rows
 from jpaged.models.rope import apply_rope, inverse_frequencies
 from jpaged.typing import KVCache
 from pallas_kernels.cpu_linear import linear_cpu
+from pallas_kernels.cpu_linear_packed import linear_cpu_packed
+from pallas_kernels.packed_matmul import packed_matmul
 
 # Random init for dummy weights (benchmarks of large shapes): the usual LLM init scale.
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -30,22 +33,63 @@ def _param(init, rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype) -> nnx.Pa
     return nnx.Param(init(rngs.params(), shape, dtype))
 
 
+def _packed_params(module: nnx.Module, fmt: PackedFormat, in_dim: int, out_dim: int, rngs: nnx.Rngs | None):
+    """qweight/scales/mins of a [in, out] kernel (jpaged.models.packed); zeros for random init."""
+    for leaf, (shape, dtype) in fmt.shapes(in_dim, out_dim).items():
+        setattr(module, leaf, _param(nnx.initializers.zeros, rngs, shape, dtype))
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out], stored in the model dtype.
+    """y = x @ kernel (+ bias); kernel [in, out], stored in the model dtype, or packed.
 
     With linear backend "cpu" the kernel is held packed for the C++ kernel
     (pallas_kernels.cpu_linear.pack_columns, [ceil(out / 32), in, 32]); build_model packs it.
+    With `packed` (a PackedFormat) the kernel is three leaves, qweight/scales/mins [out, ...],
+    read by XLA (unpacked inside the step), by the C++ kernel (cpu_linear_packed's panels) or,
+    with backend "pallas", by the Pallas GPU kernel (pallas_kernels.packed_matmul).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs | None, backend: str = "xla"):
-        self.kernel = _param(_INIT, rngs, (in_dim, out_dim), dtype)
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs | None, backend: str = "xla",
+                 packed: PackedFormat | None = None):
+        if packed is None:
+            self.kernel = _param(_INIT, rngs, (in_dim, out_dim), dtype)
+        else:
+            _packed_params(self, packed, in_dim, out_dim, rngs)
         self.bias = _param(nnx.initializers.zeros, rngs, (out_dim,), dtype) if bias else None
         self.out_dim = out_dim
         self.backend = backend
+        self.packed = packed
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = linear_cpu(x, self.kernel[...], self.out_dim) if self.backend == "cpu" else x @ self.kernel[...]
+        if self.packed is not None:
+            leaves = (self.qweight[...], self.scales[...], self.mins[...])
+            if self.backend == "cpu":
+                y = linear_cpu_packed(x, *leaves, self.packed, self.out_dim)
+            elif self.backend == "pallas":
+                rows = x.reshape(-1, x.shape[-1])
+                y = packed_matmul(rows, *leaves, bits=self.packed.bits, group_size=self.packed.group_size)
+                y = y.reshape(*x.shape[:-1], self.out_dim)
+            else:
+                y = packed_matmul_xla(x, *leaves, self.packed)
+        elif self.backend == "cpu":
+            y = linear_cpu(x, self.kernel[...], self.out_dim)
+        else:
+            y = x @ self.kernel[...]
         return y + self.bias[...] if self.bias is not None else y
+
+
+class PackedEmbedding(nnx.Module):
+    """A packed [V, D] table (qweight/scales/mins [V, ...]): looked up row-wise and unpacked."""
+
+    def __init__(self, vocab: int, dim: int, fmt: PackedFormat, *, dtype, rngs: nnx.Rngs | None):
+        _packed_params(self, fmt, dim, vocab, rngs)
+        self.fmt, self.dtype = fmt, dtype
+
+    def leaves(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return tuple(getattr(self, leaf)[...] for leaf in LEAVES)
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        return packed_rows(*self.leaves(), self.fmt, token_ids, self.dtype)  # [T, D]
 
 
 class RMSNorm(nnx.Module):
@@ -67,13 +111,19 @@ class Attention(nnx.Module):
     parameters' shardings."""
 
     def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, quant: Quantization | None = None, prefix: str = ""):
         d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-        self.q_proj = Linear(d, n * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear)
-        self.k_proj = Linear(d, k * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear)
-        self.v_proj = Linear(d, k * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear)
-        self.o_proj = Linear(n * h, d, bias=config.o_bias, dtype=dtype, rngs=rngs, backend=linear)
+        quant = quant or {}
+
+        def linear_(name: str, in_dim: int, out_dim: int, bias: bool) -> Linear:
+            return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs, backend=linear,
+                          packed=quant.get(prefix + name))
+
+        self.q_proj = linear_("q_proj", d, n * h, config.qkv_bias)
+        self.k_proj = linear_("k_proj", d, k * h, config.qkv_bias)
+        self.v_proj = linear_("v_proj", d, k * h, config.qkv_bias)
+        self.o_proj = linear_("o_proj", n * h, d, config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -103,11 +153,18 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, linear: str, dtype, rngs: nnx.Rngs | None):
+    def __init__(self, config: ModelConfig, *, linear: str, dtype, rngs: nnx.Rngs | None,
+                 quant: Quantization | None = None, prefix: str = ""):
         d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, backend=linear)
-        self.up_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, backend=linear)
-        self.down_proj = Linear(f, d, bias=b, dtype=dtype, rngs=rngs, backend=linear)
+        quant = quant or {}
+
+        def linear_(name: str, in_dim: int, out_dim: int) -> Linear:
+            return Linear(in_dim, out_dim, bias=b, dtype=dtype, rngs=rngs, backend=linear,
+                          packed=quant.get(prefix + name))
+
+        self.gate_proj = linear_("gate_proj", d, f)
+        self.up_proj = linear_("up_proj", d, f)
+        self.down_proj = linear_("down_proj", f, d)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -115,11 +172,12 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, *, backend: str, linear: str, dtype, rngs: nnx.Rngs | None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, quant: Quantization | None = None, prefix: str = ""):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs, mesh=mesh)
+        self.attn = Attention(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs, mesh=mesh,
+                              quant=quant, prefix=prefix + "attn.")
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(config, linear=linear, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, linear=linear, dtype=dtype, rngs=rngs, quant=quant, prefix=prefix + "mlp.")
 
     def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
         attn_out, kv = self.attn(self.input_norm(x), positions, kv, meta)
@@ -134,30 +192,43 @@ class CausalLM(nnx.Module):
     kernel over packed weights; there a tied lm_head is a packed copy of the embedding, since
     the kernel reads only that layout: V x D more floats for 2-3 ms less per decode step).
     mesh (tensor parallelism) reaches only the attention's shard_map; the rest is sharding-free.
+    quant maps module paths to packed formats (jpaged.models.packed); "embed" packed makes the
+    embedding a PackedEmbedding, which a tied lm_head then reads as its packed kernel.
     """
 
     def __init__(
         self, config: ModelConfig, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32,
-        rngs: nnx.Rngs | None, mesh: Mesh | None = None,
+        rngs: nnx.Rngs | None, mesh: Mesh | None = None, quant: Quantization | None = None,
     ):
+        quant = quant or {}
         self.config = config
-        self.embed = _param(_INIT, rngs, (config.vocab_size, config.hidden_size), dtype)
+        v, d = config.vocab_size, config.hidden_size
+        if "embed" in quant:
+            self.embed = PackedEmbedding(v, d, quant["embed"], dtype=dtype, rngs=rngs)
+        else:
+            self.embed = _param(_INIT, rngs, (v, d), dtype)
         self.layers = nnx.List([
-            DecoderLayer(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs, mesh=mesh)
-            for _ in range(config.num_layers)
+            DecoderLayer(config, backend=backend, linear=linear, dtype=dtype, rngs=rngs, mesh=mesh, quant=quant,
+                         prefix=f"layers.{i}.")
+            for i in range(config.num_layers)
         ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        tied_format = quant.get("embed") if config.tie_word_embeddings else None
         self.lm_head = (
             None
             if config.tie_word_embeddings and linear != "cpu"
-            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs, backend=linear)
+            else Linear(d, v, bias=False, dtype=dtype, rngs=rngs, backend=linear,
+                        packed=tied_format or quant.get("lm_head"))
         )
 
     def __call__(
         self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[KVCache], meta: AttentionMetadata
     ) -> tuple[jax.Array, list[KVCache]]:
         """token_ids, positions [T] -> hidden states [T, D] (before the final norm) and new KV pools."""
-        x = self.embed[...][token_ids]  # [T, D]
+        if isinstance(self.embed, PackedEmbedding):
+            x = self.embed(token_ids)  # [T, D]
+        else:
+            x = self.embed[...][token_ids]  # [T, D]
         new_caches = []
         for layer, kv in zip(self.layers, kv_caches):
             x, kv = layer(x, positions, kv, meta)
@@ -167,7 +238,9 @@ class CausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, D] (rows picked from __call__'s output) -> float32 logits [B, V]."""
         h = self.norm(hidden)
-        if self.lm_head is None:
+        if self.lm_head is None and isinstance(self.embed, PackedEmbedding):
+            out = packed_matmul_xla(h, *self.embed.leaves(), self.embed.fmt)  # embed [V, D] is the kernel's [N, K]
+        elif self.lm_head is None:
             # Contract D of both operands: written as h @ embed.T, XLA:CPU copies the transposed
             # [D, V] embedding every step when B == 1 (15 ms of a 45 ms step for a 135M model).
             out = jax.lax.dot_general(h, self.embed[...], (((1,), (1,)), ((), ())))

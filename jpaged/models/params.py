@@ -6,6 +6,7 @@ That dict is what checkpoints hold and what conversion fills, e.g.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,7 +16,9 @@ from jax.sharding import Mesh
 
 from jpaged.models.config import ModelConfig
 from jpaged.models.llama import CausalLM
+from jpaged.models.packed import LEAVES, Quantization
 from pallas_kernels.cpu_linear import pack_columns
+from pallas_kernels.cpu_linear_packed import pack_panels
 
 ParamTree = dict[str, Any]
 
@@ -33,18 +36,42 @@ def _nnx_keys(tree: Any, like: Any) -> Any:
     return tree
 
 
-def _abstract_model(config: ModelConfig, backend: str, linear: str, dtype, mesh: Mesh | None = None) -> CausalLM:
+def _abstract_model(config: ModelConfig, backend: str, linear: str, dtype, mesh: Mesh | None = None,
+                    quant: Quantization | None = None) -> CausalLM:
     """The model with shape-only parameters (rngs=None): nothing is computed or allocated."""
-    return CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=None, mesh=mesh)
+    return CausalLM(config, backend=backend, linear=linear, dtype=dtype, rngs=None, mesh=mesh, quant=quant)
 
 
 def _pure_dict(state: nnx.State) -> dict:
     return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
-def abstract_params(config: ModelConfig, dtype=jnp.float32) -> ParamTree:
-    """The expected tree of jax.ShapeDtypeStruct for a config, without allocating anything."""
-    return _stringify_keys(_pure_dict(nnx.state(_abstract_model(config, "xla", "xla", dtype), nnx.Param)))
+def abstract_params(config: ModelConfig, dtype=jnp.float32, quant: Quantization | None = None) -> ParamTree:
+    """The expected tree of jax.ShapeDtypeStruct for a config (and its packed modules, if any),
+    without allocating anything."""
+    model = _abstract_model(config, "xla", "xla", dtype, quant=quant)
+    return _stringify_keys(_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _pack_for_cpu(config: ModelConfig, params: ParamTree, quant: Quantization) -> ParamTree:
+    """Every projection in the C++ kernels' panel layouts (a copy). A tied lm_head gets its own
+    panels, made from the embedding (float, or packed: the packed embedding's rows are its columns)."""
+    flat = flatten(params)
+    if config.tie_word_embeddings:
+        if "embed" in quant:
+            flat.update({f"lm_head.{leaf}": flat[f"embed.{leaf}"] for leaf in LEAVES})
+        else:
+            flat["lm_head.kernel"] = params["embed"].T
+    modules = {m: fmt for m, fmt in quant.items() if m != "embed"}
+    if config.tie_word_embeddings and "embed" in quant:
+        modules["lm_head"] = quant["embed"]
+    pack = jax.jit(pack_columns)
+    panels = {bits: jax.jit(functools.partial(pack_panels, bits=bits)) for bits in (4, 8)}
+    out = {name: pack(w) if name.endswith(".kernel") else w for name, w in flat.items()}
+    for module, fmt in modules.items():
+        packed = panels[fmt.bits](*(flat[f"{module}.{leaf}"] for leaf in LEAVES))
+        out.update({f"{module}.{leaf}": x for leaf, x in zip(LEAVES, packed)})
+    return unflatten(out)
 
 
 def flatten(tree: ParamTree, prefix: str = "") -> dict[str, Any]:
@@ -72,20 +99,20 @@ def unflatten(flat: dict[str, Any]) -> ParamTree:
 
 def build_model(
     config: ModelConfig, params: ParamTree, *, backend: str = "xla", linear: str = "xla", dtype=jnp.float32,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, quant: Quantization | None = None,
 ) -> CausalLM:
     """A CausalLM whose parameters are the given arrays (no copy, no random init).
 
     With linear="cpu" every projection kernel [in, out] is packed for the C++ kernel (a copy;
     a tied lm_head gets its own, packed from the embedding). With a mesh (tensor parallelism)
     the params are already placed by jpaged.parallel's table and the attention runs per device.
+    quant names the packed modules (jpaged.models.packed); with linear="cpu" they are rearranged
+    into the packed kernel's panels (pallas_kernels.cpu_linear_packed.pack_panels).
     """
+    quant = quant or {}
     if linear == "cpu":
-        if config.tie_word_embeddings:
-            params = {**params, "lm_head": {"kernel": params["embed"].T}}
-        pack = jax.jit(pack_columns)
-        params = unflatten({name: pack(w) if name.endswith(".kernel") else w for name, w in flatten(params).items()})
-    graphdef, state = nnx.split(_abstract_model(config, backend, linear, dtype, mesh))
+        params = _pack_for_cpu(config, params, quant)
+    graphdef, state = nnx.split(_abstract_model(config, backend, linear, dtype, mesh, quant))
     nnx.replace_by_pure_dict(state, _nnx_keys(params, _pure_dict(state)))
     return nnx.merge(graphdef, state)
 

@@ -22,6 +22,8 @@ import numpy as np
 from jpaged.models.config import ModelConfig
 
 _KV_PROJ = re.compile(r"layers\.\d+\.attn\.[kv]_proj\.(kernel|bias)")
+# Packed k/v projections (jpaged.models.packed) hold one row per output column: heads on axis 0.
+_KV_PACKED = re.compile(r"layers\.\d+\.attn\.[kv]_proj\.(qweight|scales|mins)")
 
 
 def kv_head_repeats(config: ModelConfig, tensor_parallel_size: int) -> int:
@@ -40,9 +42,13 @@ def repeat_kv_heads(name: str, x, config: ModelConfig, tensor_parallel_size: int
     """A parameter with its KV heads repeated (k/v kernels [D, K*H] -> [D, K'*H], biases [K*H] ->
     [K'*H]); every other parameter as it is. numpy in, numpy out (host loads); jax in, jax out."""
     repeats = kv_head_repeats(config, tensor_parallel_size)
+    xp = np if isinstance(x, np.ndarray) else jnp
+    if repeats > 1 and _KV_PACKED.fullmatch(name):
+        rows, *rest = x.shape
+        heads = x.reshape(config.num_kv_heads, config.head_dim, *rest)  # [K, H, ...]
+        return xp.repeat(heads, repeats, axis=0).reshape(rows * repeats, *rest)
     if repeats == 1 or not _KV_PROJ.fullmatch(name):
         return x
-    xp = np if isinstance(x, np.ndarray) else jnp
     *lead, cols = x.shape
     heads = x.reshape(*lead, config.num_kv_heads, config.head_dim)  # [..., K, H]
     return xp.repeat(heads, repeats, axis=-2).reshape(*lead, cols * repeats)  # [..., K'*H], copies adjacent

@@ -60,17 +60,32 @@ def matching_rules(name: str) -> list[int]:
     return [i for i, (pattern, _) in enumerate(PARAM_SPECS) if re.fullmatch(pattern, name)]
 
 
+def _packed_float_name(name: str) -> tuple[str, bool] | None:
+    """A packed leaf (jpaged.models.packed) -> (the float parameter it stands for, whether its axes
+    are that parameter's reversed); None for a float parameter."""
+    module, _, leaf = name.rpartition(".")
+    if leaf not in ("qweight", "scales", "mins"):
+        return None
+    # Packed leaves are [out, ...]: a kernel [in, out]'s axes reversed; the embedding's [V, ...] as they are.
+    return ("embed", False) if module == "embed" else (f"{module}.kernel", True)
+
+
 def param_spec(name: str, shape: tuple[int, ...], tensor_parallel_size: int) -> P:
     """The PartitionSpec of one parameter of the given (already KV-repeated) shape.
 
+    A packed leaf (qweight, scales, mins [out, ...]) shards as the float parameter it stands for,
+    along the same logical axes (so its own axes reversed for a kernel).
     A split dimension the size does not divide is kept whole: validate() has refused that for
     heads and MLP columns, so only the vocabulary gets here, and an embedding replicated on
     every device is correct, only bigger (a vocabulary padded to a multiple would split it).
     """
-    rules = matching_rules(name)
+    packed = _packed_float_name(name)
+    rules = matching_rules(name if packed is None else packed[0])
     if len(rules) != 1:
         raise KeyError(f"parameter {name} matches {len(rules)} sharding rules, expected exactly 1")
     spec = PARAM_SPECS[rules[0]][1]
+    if packed is not None and packed[1]:
+        spec = P(*reversed(tuple(spec)))
     return P(*(axis if axis is None or shape[i] % tensor_parallel_size == 0 else None for i, axis in enumerate(spec)))
 
 

@@ -1,0 +1,434 @@
+// y = x @ w for XLA:CPU with w packed as 4- or 8-bit group-wise integers (jpaged/models/packed.py),
+// dequantized in registers, accumulated in float32. Called from jax through the XLA FFI.
+//
+//   x       [M, K]            float32 activations, row-major
+//   q       [P, K * bits / 32, 32] uint32: word [o, c] holds column c's integers for k = o * per + i,
+//                             i < per = 32 / bits, the i-th in bits [bits * i, bits * (i + 1))
+//   scales  [P, K / G, 32]    float32, a panel's 32 columns of one group contiguous
+//   mins    [P, K / G, 32]
+//   y       [M, N]            P = ceil(N / 32); columns past N have zero scale and minimum
+//
+// w[k, c] = scale[g, c] * q[k, c] + min[g, c] with g = k / G. Below kDequantizeRows rows, per group
+//   y[r, c] += scale[g, c] * sum_k x[r, k] q[k, c]  +  min[g, c] * sum_k x[r, k]
+// where the inner sum multiplies x by the integers converted to float (exact), one FMA a weight
+// and row, and the group sums of x are computed once per call. At decode (M = 1) the weights
+// stream from memory at 0.5-1 byte each instead of 4, which is the whole point. From
+// kDequantizeRows rows on (prefill, large batches) the FLOPs dominate instead: each panel is
+// dequantized once into a float buffer and multiplied as float weights.
+//
+// Three code paths, chosen by the caller (pallas_kernels/cpu_linear_packed.py, from the CPU's
+// flags) and checked here against the CPU: AVX-512 (the panel's 32 columns in two zmm), AVX2/FMA
+// (32 columns in four ymm for one row, 16 in two for more) and portable C++. The vector paths
+// are compiled with target attributes, so every build has all three whatever -march says.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define JPAGED_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 32;
+enum Isa : int32_t { kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
+// From this many rows on, the vector paths dequantize each panel once into a float buffer and
+// multiply it as float weights; below, they unpack in registers per tile of rows.
+constexpr int64_t kDequantizeRows = 16;
+
+struct Problem {
+  const float* x;
+  const uint32_t* q;
+  const float* scales;
+  const float* mins;
+  const float* xsum;  // [M, K / G]
+  float* y;
+  int64_t M, K, N, G, bits;
+  int64_t groups() const { return K / G; }
+};
+
+// ---- portable ------------------------------------------------------------------------------
+
+// Integer i (< kPer) of a word: k = 8o + i (4 bits) or 4o + i (8 bits).
+inline float QAt(uint32_t word, int i, int64_t bits) {
+  return static_cast<float>(bits == 4 ? (word >> (4 * i)) & 0xF : (word >> (8 * i)) & 0xFF);
+}
+
+void PanelPortable(const Problem& s, int64_t p) {
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel));
+  const int per = static_cast<int>(32 / s.bits);  // integers a word
+  const uint32_t* q = s.q + p * (s.K / per) * kPanel;
+  const float* sc = s.scales + p * s.groups() * kPanel;
+  const float* mn = s.mins + p * s.groups() * kPanel;
+  for (int64_t r = 0; r < s.M; ++r) {
+    float out[kPanel] = {};
+    const float* x = s.x + r * s.K;
+    for (int64_t g = 0; g < s.groups(); ++g) {
+      float acc[kPanel] = {};
+      for (int64_t o = g * s.G / per; o < (g + 1) * s.G / per; ++o) {
+        for (int i = 0; i < per; ++i) {
+          for (int c = 0; c < kPanel; ++c) acc[c] += x[o * per + i] * QAt(q[o * kPanel + c], i, s.bits);
+        }
+      }
+      const float xs = s.xsum[r * s.groups() + g];
+      for (int c = 0; c < kPanel; ++c) out[c] += sc[g * kPanel + c] * acc[c] + mn[g * kPanel + c] * xs;
+    }
+    std::memcpy(s.y + r * s.N + p * kPanel, out, cols * sizeof(float));
+  }
+}
+
+#ifdef JPAGED_X86
+// ---- AVX2 / FMA ----------------------------------------------------------------------------
+
+// Rows [r0, r0 + R) against columns [8 v0, 8 (v0 + V)) of panel p: R * V accumulators. Each
+// 32-bit lane holds one column's integers for kPer consecutive k, so unpacking is a shift, a
+// mask and a convert inside the lane: no shuffles, which Zen 3 issues on fewer ports.
+// V = 4 (the whole panel, one pass over q) for one row, where q streams from memory; V = 2
+// leaves registers for 4 rows once the panel is in cache.
+template <int R, int V, int kBits>
+__attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, int64_t r0, int v0) {
+  constexpr int kPer = 32 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel + 8 * v0;
+  const float* sc = s.scales + p * s.groups() * kPanel + 8 * v0;
+  const float* mn = s.mins + p * s.groups() * kPanel + 8 * v0;
+  const float* x = s.x + r0 * s.K;
+  const __m256i mask = _mm256_set1_epi32(kMask);
+  __m256 out[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) out[r][v] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < s.groups(); ++g) {
+    __m256 acc[R][V];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t o = g * s.G / kPer; o < (g + 1) * s.G / kPer; ++o) {
+      __m256i words[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) words[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + o * kPanel + 8 * v));
+#pragma GCC unroll 8
+      for (int i = 0; i < kPer; ++i) {
+        __m256 w[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          __m256i t = i == 0 ? words[v] : _mm256_srli_epi32(words[v], kBits * i);
+          if (i != kPer - 1) t = _mm256_and_si256(t, mask);
+          w[v] = _mm256_cvtepi32_ps(t);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m256 a = _mm256_broadcast_ss(x + r * s.K + o * kPer + i);
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, w[v], acc[r][v]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const __m256 scale = _mm256_loadu_ps(sc + g * kPanel + 8 * v);
+      const __m256 low = _mm256_loadu_ps(mn + g * kPanel + 8 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 xs = _mm256_set1_ps(s.xsum[(r0 + r) * s.groups() + g]);
+        out[r][v] = _mm256_fmadd_ps(scale, acc[r][v], _mm256_fmadd_ps(low, xs, out[r][v]));
+      }
+    }
+  }
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel)) - 8 * v0;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    const __m256i store = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8 * v), lane);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_maskstore_ps(s.y + (r0 + r) * s.N + p * kPanel + 8 * v0 + 8 * v, store, out[r][v]);
+    }
+  }
+}
+
+template <int R, int kBits>
+__attribute__((target("avx2,fma"))) void RowsAvx2(const Problem& s, int64_t p, int64_t r0) {
+  if constexpr (R == 1) {
+    TileAvx2<1, 4, kBits>(s, p, r0, 0);
+  } else {
+    TileAvx2<R, 2, kBits>(s, p, r0, 0);
+    if (s.N - p * kPanel > 16) TileAvx2<R, 2, kBits>(s, p, r0, 2);
+  }
+}
+
+// Many rows (prefill): unpacking per 4-row tile would repeat M / 4 times per panel, so the panel
+// is dequantized once into a float [K, 32] buffer (L2-resident) and multiplied like float weights.
+template <int kBits>
+__attribute__((target("avx2,fma"))) void DequantizePanelAvx2(const Problem& s, int64_t p, float* buf) {
+  constexpr int kPer = 32 / kBits;
+  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
+  const float* sc = s.scales + p * s.groups() * kPanel;
+  const float* mn = s.mins + p * s.groups() * kPanel;
+  const __m256i mask = _mm256_set1_epi32((1u << kBits) - 1);
+  for (int64_t o = 0; o < s.K / kPer; ++o) {
+    const int64_t g = o * kPer / s.G;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + o * kPanel + 8 * v));
+      const __m256 scale = _mm256_loadu_ps(sc + g * kPanel + 8 * v);
+      const __m256 low = _mm256_loadu_ps(mn + g * kPanel + 8 * v);
+#pragma GCC unroll 8
+      for (int i = 0; i < kPer; ++i) {
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, kBits * i), mask));
+        _mm256_storeu_ps(buf + (o * kPer + i) * kPanel + 8 * v, _mm256_fmadd_ps(scale, w, low));
+      }
+    }
+  }
+}
+
+// y[r0 + r, 16 h .. 16 h + 16) for r < R over a float panel [K, 32]: 2R accumulators.
+template <int R>
+__attribute__((target("avx2,fma"))) void FloatTileAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0,
+                                                      int h) {
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const float* x = s.x + r0 * s.K;
+  for (int64_t k = 0; k < s.K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(buf + k * kPanel + 16 * h);
+    const __m256 b1 = _mm256_loadu_ps(buf + k * kPanel + 16 * h + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * s.K + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel)) - 16 * h;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 2
+  for (int v = 0; v < 2; ++v) {
+    const __m256i store = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8 * v), lane);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_maskstore_ps(s.y + (r0 + r) * s.N + p * kPanel + 16 * h + 8 * v, store, acc[r][v]);
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void FloatRowsAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0) {
+  FloatTileAvx2<R>(s, buf, p, r0, 0);
+  if (s.N - p * kPanel > 16) FloatTileAvx2<R>(s, buf, p, r0, 1);
+}
+
+
+template <int kBits>
+__attribute__((target("avx2,fma"))) void PanelAvx2(const Problem& s, int64_t p) {
+  int64_t r = 0;
+  if (s.M >= kDequantizeRows) {
+    thread_local std::vector<float> buf;
+    buf.resize(s.K * kPanel);
+    DequantizePanelAvx2<kBits>(s, p, buf.data());
+    for (; r + 6 <= s.M; r += 6) FloatRowsAvx2<6>(s, buf.data(), p, r);
+    switch (s.M - r) {
+      case 1: FloatRowsAvx2<1>(s, buf.data(), p, r); break;
+      case 2: FloatRowsAvx2<2>(s, buf.data(), p, r); break;
+      case 3: FloatRowsAvx2<3>(s, buf.data(), p, r); break;
+      case 4: FloatRowsAvx2<4>(s, buf.data(), p, r); break;
+      case 5: FloatRowsAvx2<5>(s, buf.data(), p, r); break;
+      default: break;
+    }
+    return;
+  }
+  for (; r + 4 <= s.M; r += 4) RowsAvx2<4, kBits>(s, p, r);
+  switch (s.M - r) {
+    case 1: RowsAvx2<1, kBits>(s, p, r); break;
+    case 2: RowsAvx2<2, kBits>(s, p, r); break;
+    case 3: RowsAvx2<3, kBits>(s, p, r); break;
+    default: break;
+  }
+}
+
+// ---- AVX-512 -------------------------------------------------------------------------------
+
+#define JPAGED_AVX512 "avx512f,avx512bw,avx512vl,avx2,fma"
+
+// The AVX2 tile with 16 lanes: the panel's 32 columns in two zmm, up to 6 rows.
+template <int R, int kBits>
+__attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t p, int64_t r0) {
+  constexpr int kPer = 32 / kBits;
+  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
+  const float* sc = s.scales + p * s.groups() * kPanel;
+  const float* mn = s.mins + p * s.groups() * kPanel;
+  const float* x = s.x + r0 * s.K;
+  const __m512i mask = _mm512_set1_epi32((1u << kBits) - 1);
+  __m512 out[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) out[r][0] = out[r][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < s.groups(); ++g) {
+    __m512 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t o = g * s.G / kPer; o < (g + 1) * s.G / kPer; ++o) {
+      const __m512i w0 = _mm512_loadu_si512(q + o * kPanel);
+      const __m512i w1 = _mm512_loadu_si512(q + o * kPanel + 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < kPer; ++i) {
+        const __m512 f0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w0, kBits * i), mask));
+        const __m512 f1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w1, kBits * i), mask));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512 a = _mm512_set1_ps(x[r * s.K + o * kPer + i]);
+          acc[r][0] = _mm512_fmadd_ps(a, f0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(a, f1, acc[r][1]);
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) {
+      const __m512 scale = _mm512_loadu_ps(sc + g * kPanel + 16 * v);
+      const __m512 low = _mm512_loadu_ps(mn + g * kPanel + 16 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 xs = _mm512_set1_ps(s.xsum[(r0 + r) * s.groups() + g]);
+        out[r][v] = _mm512_fmadd_ps(scale, acc[r][v], _mm512_fmadd_ps(low, xs, out[r][v]));
+      }
+    }
+  }
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel));
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols <= 16 ? 0 : cols >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(s.y + (r0 + r) * s.N + p * kPanel, m0, out[r][0]);
+    _mm512_mask_storeu_ps(s.y + (r0 + r) * s.N + p * kPanel + 16, m1, out[r][1]);
+  }
+}
+
+template <int kBits>
+__attribute__((target(JPAGED_AVX512))) void PanelAvx512(const Problem& s, int64_t p) {
+  // Many rows: the AVX2 path's dequantize-then-multiply (a zmm float tile is not written yet).
+  if (s.M >= kDequantizeRows) return PanelAvx2<kBits>(s, p);
+  int64_t r = 0;
+  for (; r + 6 <= s.M; r += 6) TileAvx512<6, kBits>(s, p, r);
+  switch (s.M - r) {
+    case 1: TileAvx512<1, kBits>(s, p, r); break;
+    case 2: TileAvx512<2, kBits>(s, p, r); break;
+    case 3: TileAvx512<3, kBits>(s, p, r); break;
+    case 4: TileAvx512<4, kBits>(s, p, r); break;
+    case 5: TileAvx512<5, kBits>(s, p, r); break;
+    default: break;
+  }
+}
+
+bool CpuHas(Isa isa) {
+  __builtin_cpu_init();
+  if (isa == kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return true;
+}
+#else
+bool CpuHas(Isa isa) { return isa == kPortable; }
+#endif
+
+using PanelFn = void (*)(const Problem&, int64_t);
+
+// Held by shared_ptr: a pool task that starts after the caller has returned finds no panels left.
+struct Work {
+  Problem s;
+  PanelFn panel;
+  int64_t panels, chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void Drain(Work& w) {
+  for (int64_t i; (i = w.next.fetch_add(1)) < w.chunks;) {
+    for (int64_t p = i * w.chunk; p < std::min(w.panels, (i + 1) * w.chunk); ++p) w.panel(w.s, p);
+    w.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> q,
+                        ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> mins, ffi::ResultBuffer<ffi::F32> y,
+                        int32_t isa, int32_t bits) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions(), yd = y->dimensions();
+  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("linear_packed: bits must be 4 or 8");
+  const int64_t per = 32 / bits;
+  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
+      qd[1] * per != xd[1] || qd[2] != kPanel || sd[0] != qd[0] || sd[2] != kPanel || sd[1] == 0 ||
+      (xd[1] / sd[1]) % per != 0 ||
+      xd[1] % sd[1] != 0 || mins.dimensions().size() != 3 || mins.dimensions()[1] != sd[1] ||
+      mins.dimensions()[0] != sd[0] || mins.dimensions()[2] != sd[2] || (yd[1] + kPanel - 1) / kPanel != qd[0]) {
+    return ffi::Error::InvalidArgument(
+        "linear_packed: x [M, K], q [ceil(N / 32), K * bits / 32, 32], scales and mins [ceil(N / 32), K / G, 32], "
+        "y [M, N]");
+  }
+  if (isa != kPortable && isa != kAvx2 && isa != kAvx512) return ffi::Error::InvalidArgument("linear_packed: bad isa");
+  if (!CpuHas(static_cast<Isa>(isa))) return ffi::Error::InvalidArgument("linear_packed: this CPU lacks the isa");
+  auto work = std::make_shared<Work>();
+  Problem& s = work->s;
+  s.M = xd[0];
+  s.K = xd[1];
+  s.N = yd[1];
+  s.G = s.K / sd[1];
+  s.bits = bits;
+  s.x = x.typed_data();
+  s.q = q.typed_data();
+  s.scales = scales.typed_data();
+  s.mins = mins.typed_data();
+  s.y = y->typed_data();
+  if (s.M == 0 || s.N == 0) return ffi::Error::Success();
+  // The group sums of x: sum_k x[r, k] over each group, for the minimums' term (the paths that
+  // dequantize a panel first do not need them).
+  const bool factored = isa == kPortable || s.M < kDequantizeRows;
+  auto xsum = std::make_shared<std::vector<float>>(factored ? s.M * s.groups() : 0);
+  for (int64_t r = 0; factored && r < s.M; ++r) {
+    for (int64_t g = 0; g < s.groups(); ++g) {
+      float t = 0.f;
+      for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) t += s.x[r * s.K + k];
+      (*xsum)[r * s.groups() + g] = t;
+    }
+  }
+  s.xsum = xsum->data();
+#ifdef JPAGED_X86
+  const PanelFn avx2 = s.bits == 4 ? PanelAvx2<4> : PanelAvx2<8>;
+  const PanelFn avx512 = s.bits == 4 ? PanelAvx512<4> : PanelAvx512<8>;
+  work->panel = isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : PanelPortable;
+#else
+  work->panel = PanelPortable;
+#endif
+  work->panels = qd[0];
+  const int64_t workers = pool.num_threads() + 1;
+  work->chunk = std::max<int64_t>(1, work->panels / (4 * workers));
+  work->chunks = (work->panels + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, xsum] { Drain(*work); });
+  Drain(*work);
+  // Chunks a pool thread has claimed are running now; wait for them (never for unstarted tasks).
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearPackedF32, LinearPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("bits"));

@@ -1,0 +1,54 @@
+"""The C++ packed linear kernel against a float64 numpy reference of the unpacked weights, on
+every code path this CPU can run (the portable one forced too); AVX-512 skips where the CPU lacks it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.models.packed import PackedFormat, pack_ints, unpack
+from pallas_kernels.cpu_build import cpu_model, unavailable_reason
+from pallas_kernels.cpu_linear_packed import linear_cpu_packed, pack_panels, supported_isas
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or unavailable_reason() is not None,
+                                reason=f"needs the CPU kernels: {unavailable_reason()}")
+
+
+def _isa(name):
+    return pytest.param(name, marks=pytest.mark.skipif(
+        name not in supported_isas(), reason=f"{cpu_model()} lacks {name}"))
+
+
+K, N = 256, 80  # 80: two full panels of 32 and a partial one
+
+
+def _case(bits, group, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2**bits, (N, K), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (N, K // group)).astype(np.float32)
+    mins = rng.uniform(-0.3, 0.3, (N, K // group)).astype(np.float32)
+    return pack_ints(q, bits), scales, mins
+
+
+@pytest.mark.parametrize("isa", [_isa("portable"), _isa("avx2"), _isa("avx512")])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 16), (4, 128)])
+def test_matches_float64_reference(isa, bits, group):
+    fmt = PackedFormat(bits, group)
+    qweight, scales, mins = _case(bits, group)
+    w = unpack(qweight, scales, mins, fmt, np).astype(np.float64).T  # [K, N]
+    panels = pack_panels(jnp.asarray(qweight), jnp.asarray(scales), jnp.asarray(mins), bits)
+    run = jax.jit(lambda x, *p: linear_cpu_packed(x, *p, fmt, N, isa=isa))
+    rng = np.random.default_rng(1)
+    for m in (1, 4, 32, 256, 512):
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        y = np.asarray(run(jnp.asarray(x), *panels))
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=2e-5 * np.sqrt(K), err_msg=f"M={m}")
+
+
+def test_unsupported_isa_and_shapes_are_refused():
+    fmt = PackedFormat(4, 32)
+    panels = pack_panels(*(jnp.asarray(a) for a in _case(4, 32)), 4)
+    with pytest.raises(ValueError, match="isa 'sse9'"):
+        linear_cpu_packed(jnp.ones((1, K)), *panels, fmt, N, isa="sse9")
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cpu_packed(jnp.ones((1, K + 32)), *panels, fmt, N)
