@@ -134,10 +134,10 @@ class DecodeStepTimer:
         self._step = runner.step
 
     def __enter__(self) -> DecodeRoofline:
-        def timed_step(batch: BatchInputs):
+        def timed_step(batch: BatchInputs, *args):
             shape = decode_step_shape(batch)
             start = time.perf_counter()
-            out = self._step(batch)
+            out = self._step(batch, *args)
             if shape is not None:
                 self.roofline.add(*shape, time.perf_counter() - start)
             return out

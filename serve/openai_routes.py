@@ -336,7 +336,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     engine = app[ENGINE]
     functions, tool_choice = T.check_tools(req.tools, req.tool_choice)
     constraint = req.constraint()
-    tool_constraint = T.tool_constraint(functions, tool_choice, req.parallel_tool_calls)
+    tool_constraint = T.tool_constraint(functions, tool_choice, req.parallel_tool_calls is not False)
     if tool_constraint is not None:
         if constraint is not None:
             raise bad_request("tool_choice 'required' or a named function cannot be combined with another output "

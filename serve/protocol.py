@@ -238,7 +238,6 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
 
     def constraint(self) -> StructuredOutputs | None:
         sources = []

@@ -102,7 +102,7 @@ class ModelRunner:
         self.mesh = mesh
         # Where the programs run (the executable store deserializes onto exactly these).
         self.devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
-        self._hidden_dtype = model.embed[...].dtype  # of the hidden states the forward returns
+        self._hidden_dtype = model.norm.scale[...].dtype  # of the hidden states the forward returns
         self._hidden_size = config.hidden_size
         self.graphdef, self.state = nnx.split(model)
         if kv_caches is None:
