@@ -389,11 +389,19 @@ def test_tokenize_fields_match_the_hf_tokenizer(server, default_llm):
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
     for fields in ({"add_generation_prompt": True}, {"add_generation_prompt": False},
-                   {"add_generation_prompt": False, "continue_final_message": True}, {"tools": tools}):
+                   {"add_generation_prompt": False, "continue_final_message": True}):
         messages = chat if fields.get("continue_final_message") else chat[:1]
         expect = tokenizer.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **fields})
         got = tokenize({"messages": messages, **fields})
         assert got["tokens"] == tokenizer.encode(expect, add_special_tokens=False), fields
+    # Tools: exactly the prompt chat completions builds (SmolLM2's template renders no tools, so
+    # both use the default tool prompt, which names the function).
+    with_tools = tokenize({"messages": chat[:1], "tools": tools})
+    status, _, raw = server.request("POST", "/v1/chat/completions",
+                                    {"model": MODEL, "messages": chat[:1], "tools": tools, "max_tokens": 1})
+    assert status == 200, raw
+    assert with_tools["count"] == json.loads(raw)["usage"]["prompt_tokens"]
+    assert '"name": "f"' in tokenizer.decode(with_tools["tokens"])
     no_prompt = tokenize({"messages": chat[:1], "add_generation_prompt": False})["count"]
     assert tokenize({"messages": chat[:1]})["count"] > no_prompt  # the assistant header
 
