@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.structured_cases import SCHEMAS
+from pallas_kernels.cpu_build import cpu_model
 
 SEPARATORS = (", ", ": ")
 
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
             f"{r['library']}: {r['schemas'][name]['compile_ms_median']:.2f} ms, "
             f"{r['schemas'][name]['mask_us_median'] or 0:.1f} us"
             + (" (instance rejected!)" if r["schemas"][name]["instance_rejected"] else "") for r in results))
-    out = {"meta": {"cpu": platform.processor() or platform.machine(), "vocab_size": vocab_size,
+    out = {"meta": {"cpu": cpu_model(), "vocab_size": vocab_size,
                     "repeats": args.repeats, "separators": SEPARATORS}, "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from jpaged.core.scheduler import ScheduledChunk
 from jpaged.runner.batch import build_batch
 from jpaged.sampling_params import SamplingParams
 from jpaged.structured import StructuredOutputs
+from pallas_kernels.cpu_build import cpu_model
 
 POSITION = 64
 
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
                        mask_fill_ms=1e3 * statistics.median(fills[label]))
             rows_out.append(row)
             print(f"{b:>3} {label:>11} {step_ms:>9.2f} {row['overhead_pct']:>+7.1f}% {row['mask_fill_ms']:>12.3f}")
-    out = {"meta": {"cpu": platform.processor() or platform.machine(), "model": "SmolLM2-135M-Instruct",
+    out = {"meta": {"cpu": cpu_model(), "model": "SmolLM2-135M-Instruct",
                     "position": POSITION, "steps": args.steps,
                     "attn_backend": llm.engine.attn_backend, "linear_backend": llm.engine.linear_backend},
            "results": rows_out}
