@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.llama import CausalLM
 from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec, vocab_parts
+from jpaged.parallel.step_channel import Op
 from jpaged.parallel.vocab import vocab_parallel_top_k
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
@@ -129,6 +130,9 @@ class ModelRunner:
         self._lock = threading.Lock()  # counters and the table, when a pool compiles
         self._fetch_lock = threading.Lock()  # see _executable
         self._loader: threading.Thread | None = None  # prepare()'s background loads
+        # Several processes (jpaged.parallel.step_channel): process 0 sends each step's inputs
+        # to the others before running it; they receive and run the same step.
+        self.channel = None
 
     def _traced_forward(self, state, kv_caches, batch: BatchInputs):
         self._count("num_traces")
@@ -253,6 +257,8 @@ class ModelRunner:
 
     def step(self, batch: BatchInputs) -> SamplerOutput:
         """Runs one step; returns the sampler's output as numpy arrays (rows past the real sequences are padding)."""
+        if self.channel is not None and self.channel.is_leader:
+            batch = self.channel.send(Op.STEP, batch)
         forward, sampler = self._programs(batch)
         logits = self._run_forward(batch, forward)
         return jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, batch.sampling))
