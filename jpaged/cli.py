@@ -139,14 +139,28 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if group.process_id != 0:  # a worker: the same engine, its steps sent by process 0
         from jpaged import LLMEngine
 
-        # The threads mirror process 0's: the engine built on one, its steps run on another.
-        engine = parallel.run_in_thread(LLMEngine, settings.engine)
+        engine = LLMEngine(settings.engine)
         logging.getLogger("jpaged").info("process %d: worker ready", group.process_id)
-        parallel.run_in_thread(engine.run_worker)
+        try:
+            engine.run_worker()
+        except Exception as e:  # noqa: BLE001 - another process is gone: so is the group
+            _exit_group(f"jpaged serve: error: process {group.process_id}: {e}")
         return
     status = run_server(settings)
+    if status and group.enabled:
+        _exit_group("jpaged serve: the engine died; the group exits for a restart")
     if status:
         raise SystemExit(status)
+
+
+def _exit_group(message: str) -> None:
+    """Exits 1 at once: a normal exit would wait in jax.distributed's shutdown barrier for a
+    process that is gone, until the heartbeat timeout aborts it."""
+    import os
+
+    print(message, file=sys.stderr)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:

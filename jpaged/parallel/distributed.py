@@ -83,6 +83,12 @@ def initialize(config: DistributedConfig) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # JAX's preemption notifier would swallow SIGTERM: the server drains on it, a worker exits.
     jax.config.update("jax_enable_preemption_service", False)
+    # Each executable's launch ids, which pair up a collective across processes, start from the
+    # executable's fingerprint, and the fingerprint covers the Python stack each op was traced
+    # under. Process 0 reaches a step from the engine and a worker from its loop: with stacks in
+    # the HLO their all-reduces never meet (seen with gloo on jax 0.12). Without, they match.
+    jax.config.update("jax_include_full_tracebacks_in_locations", False)
+    jax.config.update("jax_traceback_in_locations_limit", 0)
     jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id,
                                heartbeat_timeout_seconds=config.heartbeat_timeout_s)
     logger.info("process %d of %d joined %s: %d local and %d devices in all", jax.process_index(),
@@ -101,17 +107,3 @@ def agree_min(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.min(multihost_utils.process_allgather(np.array([value], np.int64))))
-
-
-def run_in_thread(fn, *args):
-    """fn(*args) on a new thread: its result returned, its exception raised here.
-
-    Why: on XLA:CPU with gloo, processes whose collectives run on differently arranged threads
-    can block forever in their first all-reduce (seen on jax 0.12: one process ran an all-gather
-    and then an all-reduce from two threads, the other both from one thread). Process 0 builds
-    its engine on one thread and runs its steps on another, so a worker does the same.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="jpaged-worker") as pool:
-        return pool.submit(fn, *args).result()
