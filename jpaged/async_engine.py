@@ -31,6 +31,8 @@ logger = logging.getLogger("jpaged")
 
 # Prompts longer than this (characters) are tokenized off the event loop.
 _INLINE_TOKENIZE_CHARS = 8192
+# Process 0 of a group, idle, checks its workers this often: a dead one fails /health within it.
+_PING_INTERVAL_S = 1.0
 
 
 class EngineDeadError(RuntimeError):
@@ -199,7 +201,10 @@ class AsyncLLMEngine:
             while not self._stopping:
                 self._apply_inbox()
                 if not self.engine.has_unfinished():
-                    self._wake.wait()  # no busy loop while idle: add_request and abort set it
+                    # No busy loop while idle: add_request and abort set the event.
+                    if not self._wake.wait(_PING_INTERVAL_S if self.engine.leads_workers else None):
+                        self.engine.ping_workers()
+                        continue
                     self._wake.clear()
                     self._restart_log_window()
                     continue
@@ -211,6 +216,7 @@ class AsyncLLMEngine:
                 self._maybe_log()
             for req_id in list(self._live):
                 self.engine.abort(req_id)
+            self.engine.stop_workers()
             self._fail_everything(EngineDeadError("the engine shut down"))
         except BaseException as exc:  # noqa: BLE001 - any failure of the engine is fatal for all requests
             logger.exception("engine step failed; failing every in-flight request")

@@ -131,7 +131,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from jpaged import EngineConfig
+    from jpaged import EngineConfig, parallel
     from serve import ServerSettings, run_server
 
     settings = ServerSettings(  # bad values fail before the model loads
@@ -141,7 +141,34 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes, tool_call_parser=args.tool_call_parser,
         drain_timeout_s=args.drain_timeout, log_interval_s=args.log_interval,
     )
-    run_server(settings)
+    group = parallel.DistributedConfig.resolve(args.distributed_coordinator, args.num_processes, args.process_id,
+                                               heartbeat_timeout_s=args.distributed_heartbeat_timeout)
+    parallel.initialize(group)
+    if group.process_id != 0:  # a worker: the same engine, its steps sent by process 0
+        from jpaged import LLMEngine
+
+        engine = LLMEngine(settings.engine)
+        logging.getLogger("jpaged").info("process %d: worker ready", group.process_id)
+        try:
+            engine.run_worker()
+        except Exception as e:  # noqa: BLE001 - another process is gone: so is the group
+            _exit_group(f"jpaged serve: error: process {group.process_id}: {e}")
+        return
+    status = run_server(settings)
+    if status and group.enabled:
+        _exit_group("jpaged serve: the engine died; the group exits for a restart")
+    if status:
+        raise SystemExit(status)
+
+
+def _exit_group(message: str) -> None:
+    """Exits 1 at once: a normal exit would wait in jax.distributed's shutdown barrier for a
+    process that is gone, until the heartbeat timeout aborts it."""
+    import os
+
+    print(message, file=sys.stderr)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
@@ -220,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-interval", type=float, default=5.0, help="seconds between status lines while busy")
+    g = p.add_argument_group("several hosts (jax.distributed; each also read from its JPAGED_* variable)")
+    g.add_argument("--distributed-coordinator", metavar="HOST:PORT", default=None,
+                   help="process 0's address for the group to meet at ($JPAGED_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="processes in the group, one per host ($JPAGED_NUM_PROCESSES; default 1)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process's rank; 0 serves HTTP, the others run its steps ($JPAGED_PROCESS_ID)")
+    g.add_argument("--distributed-heartbeat-timeout", type=int, default=10, metavar="SECONDS",
+                   help="a process silent this long is dead and the group exits (default 10)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("cache", help="show (info) or empty (clear) the caches under $JPAGED_HOME")

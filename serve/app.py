@@ -3,7 +3,9 @@
     create_app(settings) ─ middlewares: error_middleware (outermost) → guard_middleware → handler
                          └ cleanup_ctx: LLMEngine built off the event loop → AsyncLLMEngine thread
     serve(settings)      ─ listen; on SIGTERM/SIGINT stop accepting, let in-flight requests finish
-                           (up to drain_timeout_s, then cancel them), stop the engine, return
+                           (up to drain_timeout_s, then cancel them), stop the engine, return 0;
+                           if the engine dies (a worker process of a group among the causes),
+                           answer 503 for a moment, then stop and return 1 for a restart
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from serve.metrics import METRICS, ServerMetrics
 from serve.routes import OPEN_PATHS, ROUTES
 
 logger = logging.getLogger("jpaged.serve")
+
+# After the engine dies: how long /health answers 503 (and in-flight requests get their errors)
+# before the process exits non-zero, so an orchestrator restarts it or its group.
+ENGINE_DEATH_GRACE_S = 2.0
 
 
 def _has_key(request: web.Request, api_key: str) -> bool:
@@ -85,8 +91,17 @@ def create_app(settings: ServerSettings, make_engine: Callable[[], LLMEngine] | 
     return app
 
 
-async def serve(settings: ServerSettings, make_engine: Callable[[], LLMEngine] | None = None) -> None:
-    """Runs the server until SIGTERM or SIGINT, then drains and returns."""
+async def _engine_death(engine: AsyncLLMEngine) -> None:
+    """Returns ENGINE_DEATH_GRACE_S after the engine has died."""
+    while not engine.is_dead:
+        await asyncio.sleep(0.1)
+    logger.error("the engine died (%r); exiting in %.0fs", engine.error, ENGINE_DEATH_GRACE_S)
+    await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+
+
+async def serve(settings: ServerSettings, make_engine: Callable[[], LLMEngine] | None = None) -> int:
+    """Runs the server until SIGTERM or SIGINT, then drains and returns 0; or until the engine
+    dies, then returns 1."""
     start = time.perf_counter()
     # Bind before the minutes of warm-up: a taken port fails at once, and the port is ours meanwhile.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -99,6 +114,7 @@ async def serve(settings: ServerSettings, make_engine: Callable[[], LLMEngine] |
     except BaseException:
         sock.close()
         raise
+    status = 0
     try:
         site = web.SockSite(runner, sock)
         await site.start()
@@ -109,7 +125,12 @@ async def serve(settings: ServerSettings, make_engine: Callable[[], LLMEngine] |
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        signalled, death = asyncio.create_task(stop.wait()), asyncio.create_task(_engine_death(app[ENGINE]))
+        await asyncio.wait([signalled, death], return_when=asyncio.FIRST_COMPLETED)
+        for task in (signalled, death):
+            task.cancel()
+        if death.done() and not death.cancelled():
+            status = 1
         state = app[STATE]
         state.draining = True
         logger.info("shutting down: no new requests; %d in flight get up to %.0fs to finish",
@@ -117,7 +138,9 @@ async def serve(settings: ServerSettings, make_engine: Callable[[], LLMEngine] |
     finally:
         await runner.cleanup()  # stops listening, waits for in-flight handlers, then stops the engine
     logger.info("jpaged serve: stopped")
+    return status
 
 
-def run_server(settings: ServerSettings, make_engine: Callable[[], LLMEngine] | None = None) -> None:
-    asyncio.run(serve(settings, make_engine))
+def run_server(settings: ServerSettings, make_engine: Callable[[], LLMEngine] | None = None) -> int:
+    """serve() in a new event loop; returns its exit status."""
+    return asyncio.run(serve(settings, make_engine))

@@ -24,7 +24,7 @@ from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.request_checks import check_token_ids, device_seed
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
-    model_config_file, resolve_model_folder, runtime_dtype, sampler_store,
+    model_config_file, num_kv_pages, resolve_model_folder, runtime_dtype, sampler_store,
 )
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
@@ -32,6 +32,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.params import build_model
 from jpaged.quantization import describe, weight_bytes
 from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
+from jpaged.parallel.step_channel import Op, StepChannel, run_worker
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
 from jpaged.runner.prompt_logprobs import PromptLogprobs
@@ -104,8 +105,12 @@ class LLMEngine:
                                                 packed=bool(loaded.quant))
             self.attn_backend, self.linear_backend = backend, linear
             # run_config: KV heads repeated up to the device count (jpaged.parallel), if needed.
+            num_pages = kv_pools and kv_pools[0]
+            if parallel.is_multiprocess():  # one global pool: every process must size it alike
+                num_pages = parallel.agree_min(num_kv_pages(config, loaded.run_config, self.max_model_len,
+                                                            loaded.dtype))
             spec = bucket_spec(config, loaded.run_config, self.max_model_len, loaded.dtype, attn_backend=backend,
-                               num_pages=kv_pools and kv_pools[0])
+                               num_pages=num_pages)
             with phases("build_model"):
                 model = build_model(loaded.run_config, loaded.params, backend=backend, linear=linear,
                                     dtype=loaded.dtype, mesh=loaded.mesh, quant=loaded.quant)
@@ -113,6 +118,8 @@ class LLMEngine:
                                           kv_caches=kv_pools and kv_pools[1].result())
             self.runner.store = executable_store(config, loaded, spec, self.runner, backend=backend, linear=linear)
             self.runner.sampler_store = sampler_store(loaded, self.runner)
+            if parallel.is_multiprocess():
+                self.runner.channel = StepChannel(spec)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, spec.max_num_seqs_bucket),
             max_num_batched_tokens=spec.token_buckets[-1],
@@ -378,6 +385,29 @@ class LLMEngine:
             c.sent_finish = reason is not None or c.sent_finish
             deltas.append(CompletionOutput(c.index, text, ids, reason, logprobs))
         return deltas
+
+    # -- several processes (jpaged.parallel.step_channel) ---------------------------------
+    @property
+    def leads_workers(self) -> bool:
+        """Whether other processes run this engine's steps too (this is process 0 of a group)."""
+        return self.runner.channel is not None and self.runner.channel.is_leader
+
+    def ping_workers(self) -> None:
+        """Process 0, idle: a collective with every worker, so a dead one is found now (it raises)
+        rather than when the next request arrives."""
+        if self.leads_workers:
+            self.runner.channel.send(Op.PING)
+
+    def stop_workers(self) -> None:
+        """Process 0, at the end: the workers' loops return and their processes exit 0."""
+        if self.leads_workers:
+            self.runner.channel.send(Op.STOP)
+
+    def run_worker(self) -> int:
+        """A process other than 0: runs the steps process 0 sends until it stops the group."""
+        if self.runner.channel is None or self.runner.channel.is_leader:
+            raise RuntimeError("run_worker is for processes other than 0 of a multi-process group")
+        return run_worker(self.runner)
 
     # -- stats ----------------------------------------------------------------------------
     def get_stats(self) -> dict[str, float]:

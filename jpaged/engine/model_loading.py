@@ -70,6 +70,12 @@ def _mesh_key(loaded: LoadedModel) -> dict:
 
 
 def _open_store(key: dict, runner) -> ExecutableStore | None:
+    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0":
+        return None
+    if parallel.is_multiprocess():
+        # A program of several processes is bound to this group's collectives; XLA's
+        # serialization is neither documented nor tested for it, so each start compiles.
+        return None
     try:
         return ExecutableStore(jpaged_home() / "executables", key, devices=runner.devices)
     except OSError as err:
@@ -80,17 +86,14 @@ def _open_store(key: dict, runner) -> ExecutableStore | None:
 def sampler_store(loaded: LoadedModel, runner) -> ExecutableStore | None:
     """The on-disk sampler executables: they depend on no model, only on the mesh (B, V and the
     history length are in their names), so every model of one vocabulary shares them."""
-    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0":
-        return None
     return _open_store(program_key(program="sampler", **_mesh_key(loaded)), runner)
 
 
 def executable_store(config: EngineConfig, loaded: LoadedModel, spec: BucketSpec, runner, *,
                      backend: str, linear: str) -> ExecutableStore | None:
     """The on-disk executables of this exact program under $JPAGED_HOME/executables, or None
-    when JPAGED_COMPILATION_CACHE=0. The key holds everything that changes the compiled code."""
-    if os.environ.get("JPAGED_COMPILATION_CACHE", "1") == "0":
-        return None
+    when JPAGED_COMPILATION_CACHE=0 or with several processes. The key holds everything that
+    changes the compiled code."""
     key = program_key(
         model=json.dumps(dataclasses.asdict(loaded.config), sort_keys=True), dtype=loaded.dtype.name,
         buckets=repr(spec), attn_backend=backend, linear_backend=linear,
@@ -197,7 +200,7 @@ def kv_size_needs_weights(config: EngineConfig) -> bool:
     accelerator with no explicit size), so it can only be sized once they are resident."""
     if config.num_kv_blocks is not None or config.kv_cache_memory_gib is not None:
         return False
-    return "bytes_limit" in (jax.devices()[0].memory_stats() or {})
+    return "bytes_limit" in (jax.local_devices()[0].memory_stats() or {})
 
 
 def kv_budget_bytes(config: EngineConfig) -> int:
@@ -205,7 +208,7 @@ def kv_budget_bytes(config: EngineConfig) -> int:
     accelerator has left (the first device's: tensor parallelism loads every device alike)."""
     if config.kv_cache_memory_gib is not None:
         return int(config.kv_cache_memory_gib * 2**30)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         # Weights are already resident; keep 10% of the device for activations and XLA scratch.
         return max(int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0), 0)

@@ -14,9 +14,16 @@ TP_AXIS = "tp"
 def make_mesh(tensor_parallel_size: int) -> Mesh:
     """A mesh over the first `tensor_parallel_size` devices of the default backend, axis "tp".
 
-    Raises ValueError naming both counts when there are fewer devices.
+    Raises ValueError naming both counts when there are fewer devices. With several processes
+    the devices are every process's and the mesh must take them all: a process left out would
+    run a step it has no part in.
     """
     devices = jax.devices()
+    if jax.process_count() > 1 and tensor_parallel_size != len(devices):
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} must equal the {len(devices)} devices of the "
+            f"{jax.process_count()} processes ({jax.local_device_count()} in this one)"
+        )
     if len(devices) < tensor_parallel_size:
         hint = ""
         if devices[0].platform == "cpu":

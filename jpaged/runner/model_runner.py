@@ -33,11 +33,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.llama import CausalLM
 from jpaged.parallel.shardings import KV_POOL_SPEC, logits_spec, vocab_parts
+from jpaged.parallel.step_channel import Op
 from jpaged.parallel.vocab import vocab_parallel_top_k
 from jpaged.runner.batch import BatchInputs, BucketSpec, dummy_batch
 from jpaged.runner.executable_store import ExecutableStore
 from jpaged.runner.prompt_logprobs import PromptLogprobs, prompt_logprobs_step
-from jpaged.runner.sampler import SamplerOutput, sample
+from jpaged.runner.sampler import SamplerOutput, SamplingArrays, sample
 from jpaged.typing import KVCache
 
 logger = logging.getLogger("jpaged")
@@ -145,6 +146,9 @@ class ModelRunner:
         self._lock = threading.Lock()  # counters and the table, when a pool compiles
         self._fetch_lock = threading.Lock()  # see _executable
         self._loader: threading.Thread | None = None  # prepare()'s background loads
+        # Several processes (jpaged.parallel.step_channel): process 0 sends each step's inputs
+        # to the others before running it; they receive and run the same step.
+        self.channel = None
 
     def _traced_forward(self, state, kv_caches, batch: BatchInputs):
         self._count("num_traces")
@@ -284,19 +288,27 @@ class ModelRunner:
         fill_bitmask, if given, writes the constrained rows of the step's token bitmask (int32
         [B, W], handed over all ones). It runs after the model program is dispatched and before
         the sampler's: the host computes the grammar masks while the device runs the model.
+        With several processes it runs first instead, so the mask travels with the step's inputs.
         """
+        if self.channel is not None and self.channel.is_leader:
+            if fill_bitmask is not None:
+                batch = dataclasses.replace(batch, sampling=self._filled(batch.sampling, fill_bitmask))
+                fill_bitmask = None
+            batch = self.channel.send(Op.STEP, batch)
         forward, sampler, prompt = self._programs(batch)
         logits, hidden = self._run_forward(batch, forward)  # asynchronous: returns before the device is done
-        sampling = batch.sampling
-        if fill_bitmask is not None:
-            bitmask = np.full(sampling.token_bitmask.shape, -1, np.int32)
-            fill_bitmask(bitmask)
-            sampling = dataclasses.replace(sampling, token_bitmask=bitmask)
+        sampling = batch.sampling if fill_bitmask is None else self._filled(batch.sampling, fill_bitmask)
         sampled = jax.tree_util.tree_map(np.asarray, self._executable(sampler)(logits, sampling))
         if not (batch.prompt_targets >= 0).any():
             return sampled, None
         out = self._executable(prompt)(self.state, hidden, batch.prompt_targets)
         return sampled, PromptLogprobs(*(np.asarray(x) for x in out))
+
+    @staticmethod
+    def _filled(sampling: SamplingArrays, fill_bitmask: Callable[[np.ndarray], None]) -> SamplingArrays:
+        bitmask = np.full(sampling.token_bitmask.shape, -1, np.int32)
+        fill_bitmask(bitmask)
+        return dataclasses.replace(sampling, token_bitmask=bitmask)
 
     def logits(self, batch: BatchInputs) -> np.ndarray:
         """Like step, but returns float32 logits [B, V] at batch.logits_indices (tests, scoring)."""

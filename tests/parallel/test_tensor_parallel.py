@@ -160,7 +160,7 @@ def test_serve_passes_the_size_to_the_engine(monkeypatch):
     from jpaged.cli import main as cli_main
 
     seen = {}
-    monkeypatch.setattr(serve, "run_server", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr(serve, "run_server", lambda settings: seen.setdefault("settings", settings) and 0)
     cli_main(["serve", "--model", "some/model", "-tp", "3"])
     assert seen["settings"].engine.tensor_parallel_size == 3
     seen.clear()
