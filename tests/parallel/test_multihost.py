@@ -133,3 +133,28 @@ def test_a_dead_worker_gives_503_and_a_nonzero_exit(model, reference, tmp_path):
         assert group.leader.proc.wait(20) == 1
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-processes", "2"], "2 processes need a coordinator address"),
+    (["--distributed-coordinator", "host-without-port", "--num-processes", "2"], "must be HOST:PORT"),
+    (["--distributed-coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "process_id must be in [0, 2)"),
+])
+def test_bad_group_flags_fail_before_anything_starts(argv, message, capsys):
+    from jpaged.cli import main as cli_main
+
+    assert cli_main(["serve", "--model", "some/model", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_group_flags_come_from_the_environment_and_flags_win(monkeypatch):
+    from jpaged.parallel import DistributedConfig
+
+    monkeypatch.setenv("JPAGED_COORDINATOR_ADDRESS", "10.0.0.1:8476")
+    monkeypatch.setenv("JPAGED_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JPAGED_PROCESS_ID", "1")
+    assert DistributedConfig.resolve() == DistributedConfig("10.0.0.1:8476", 2, 1)
+    assert DistributedConfig.resolve(process_id=0).process_id == 0
+    monkeypatch.setenv("JPAGED_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="JPAGED_PROCESS_ID must be an integer"):
+        DistributedConfig.resolve()
