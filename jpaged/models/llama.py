@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -17,7 +18,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.packed import LEAVES, PackedFormat, Quantization, packed_matmul_xla, packed_rows
 from jpaged.models.rope import apply_rope, inverse_frequencies
 from jpaged.typing import KVCache
-from pallas_kernels.cpu_linear import linear_cpu
+from pallas_kernels.cpu_linear import PANEL, linear_cpu
 from pallas_kernels.cpu_linear_packed import linear_cpu_packed
 from pallas_kernels.packed_matmul import packed_matmul
 
@@ -78,6 +79,22 @@ class Linear(nnx.Module):
         return y + self.bias[...] if self.bias is not None else y
 
 
+# Projections of one input that the C++ kernels run as one call: (fused name, its parts).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuses(linear: str, widths: list[int], formats: list[PackedFormat | None]) -> bool:
+    """Whether projections of one input run as one kernel call, their columns side by side.
+
+    Only with the C++ kernels (linear "cpu", one device): a decode step's projections are so
+    small that each call's fixed cost (dispatch, waking the kernel's helper thread) is a good
+    part of it, and independent calls run concurrently on two cores and contend. Their columns
+    are laid out in 32-wide panels, so the parts concatenate panel-wise when each width is a
+    whole number of panels and all share one format.
+    """
+    return linear == "cpu" and all(w % PANEL == 0 for w in widths) and len(set(formats)) == 1
+
+
 class PackedEmbedding(nnx.Module):
     """A packed [V, D] table (qweight/scales/mins [V, ...]): looked up row-wise and unpacked."""
 
@@ -120,9 +137,17 @@ class Attention(nnx.Module):
             return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs, backend=linear,
                           packed=quant.get(prefix + name))
 
-        self.q_proj = linear_("q_proj", d, n * h, config.qkv_bias)
-        self.k_proj = linear_("k_proj", d, k * h, config.qkv_bias)
-        self.v_proj = linear_("v_proj", d, k * h, config.qkv_bias)
+        widths = [n * h, k * h, k * h]
+        # Each attribute assigned once: NNX fixes an attribute first set to None as static.
+        if fuses(linear, widths, [quant.get(prefix + name) for name in FUSED["qkv_proj"]]):
+            self.qkv_proj = Linear(d, sum(widths), bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear,
+                                   packed=quant.get(prefix + "q_proj"))
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.qkv_proj = None
+            self.q_proj = linear_("q_proj", d, n * h, config.qkv_bias)
+            self.k_proj = linear_("k_proj", d, k * h, config.qkv_bias)
+            self.v_proj = linear_("v_proj", d, k * h, config.qkv_bias)
         self.o_proj = linear_("o_proj", n * h, d, config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -137,9 +162,13 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kv: KVCache, meta: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
-        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = jnp.split(self.qkv_proj(x), np.cumsum([self.num_heads, self.num_kv_heads]) * self.head_dim, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(self.config)
@@ -162,12 +191,22 @@ class MLP(nnx.Module):
             return Linear(in_dim, out_dim, bias=b, dtype=dtype, rngs=rngs, backend=linear,
                           packed=quant.get(prefix + name))
 
-        self.gate_proj = linear_("gate_proj", d, f)
-        self.up_proj = linear_("up_proj", d, f)
+        if fuses(linear, [f, f], [quant.get(prefix + name) for name in FUSED["gate_up_proj"]]):
+            self.gate_up_proj = Linear(d, 2 * f, bias=b, dtype=dtype, rngs=rngs, backend=linear,
+                                       packed=quant.get(prefix + "gate_proj"))
+            self.gate_proj = self.up_proj = None
+        else:
+            self.gate_up_proj = None
+            self.gate_proj = linear_("gate_proj", d, f)
+            self.up_proj = linear_("up_proj", d, f)
         self.down_proj = linear_("down_proj", f, d)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jpaged.models.config import ModelConfig
-from jpaged.models.llama import CausalLM
+from jpaged.models.llama import FUSED, CausalLM, fuses
 from jpaged.models.packed import LEAVES, Quantization
 from pallas_kernels.cpu_linear import pack_columns
 from pallas_kernels.cpu_linear_packed import pack_panels
@@ -71,7 +71,22 @@ def _pack_for_cpu(config: ModelConfig, params: ParamTree, quant: Quantization) -
     for module, fmt in modules.items():
         packed = panels[fmt.bits](*(flat[f"{module}.{leaf}"] for leaf in LEAVES))
         out.update({f"{module}.{leaf}": x for leaf, x in zip(LEAVES, packed)})
-    return unflatten(out)
+    return unflatten(_fuse_panels(config, out, quant))
+
+
+def _fuse_panels(config: ModelConfig, flat: dict[str, Any], quant: Quantization) -> dict[str, Any]:
+    """Concatenates the panels (and biases) of the projections the model fuses (llama.fuses)."""
+    n, k, h, f = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    widths = {"qkv_proj": [n * h, k * h, k * h], "gate_up_proj": [f, f]}
+    for i in range(config.num_layers):
+        for block, fused in (("attn", "qkv_proj"), ("mlp", "gate_up_proj")):
+            parts = [f"layers.{i}.{block}.{name}" for name in FUSED[fused]]
+            if not fuses("cpu", widths[fused], [quant.get(p) for p in parts]):
+                continue
+            for leaf in {name.rsplit(".", 1)[1] for name in flat if name.startswith(parts[0] + ".")}:
+                # Panels [P, ...] and biases [N] both join along their first axis.
+                flat[f"layers.{i}.{block}.{fused}.{leaf}"] = jnp.concatenate([flat.pop(f"{p}.{leaf}") for p in parts])
+    return flat
 
 
 def flatten(tree: ParamTree, prefix: str = "") -> dict[str, Any]:
