@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.gguf_source import GGUFSource, PackedTensor
+from convert.gguf_source import GGUFSource
 from convert.hf_source import PICKLE_SUFFIXES, HFSource
 from convert.names import map_name
+from convert.packed_tensor import PackedTensor
 from jpaged import checkpoint
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import abstract_params, flatten, unflatten
