@@ -156,35 +156,34 @@ def read_quantization(hf_config: dict, folder: Path) -> QuantizedCheckpoint | No
     """The quantization a checkpoint's config declares (config.json's quantization_config, or the
     quantize_config.json of AutoGPTQ before transformers read it), or None for a float checkpoint.
     Raises ConversionError naming the field it cannot read."""
-    config = hf_config.get("quantization_config")
+    config, where = hf_config.get("quantization_config"), "quantization_config"
     legacy = folder / "quantize_config.json"
     if config is None and legacy.is_file():
-        config = {"quant_method": "gptq", **json.loads(legacy.read_text())}
+        config, where = {"quant_method": "gptq", **json.loads(legacy.read_text())}, legacy.name
     if config is None:
         return None
+
+    def refuse(field: str, value, expected: str) -> ConversionError:
+        return ConversionError(f"{folder.name}: {where}.{field} is {json.dumps(value)}; {expected}")
+
     method = str(config.get("quant_method", "")).lower()
     if method not in ("awq", "gptq"):
-        raise ConversionError(f"{folder.name}: quantization_config.quant_method {method!r} is not supported; "
-                              "supported: awq, gptq")
+        raise refuse("quant_method", config.get("quant_method"), "supported: awq, gptq")
     bits = config.get("bits", config.get("w_bit"))  # AutoAWQ's own quant_config says w_bit
     if bits != BITS:
-        raise ConversionError(f"{folder.name}: quantization_config.bits is {bits!r}; only 4-bit {method.upper()} "
-                              "is supported")
+        raise refuse("bits", bits, f"only 4-bit {method.upper()} is supported")
     group = config.get("group_size", config.get("q_group_size", 128))
     if not isinstance(group, int) or not (group == -1 or (group > 0 and group % 16 == 0)):
-        raise ConversionError(f"{folder.name}: quantization_config.group_size is {group!r}; expected -1 or a "
-                              "multiple of 16")
+        raise refuse("group_size", group, "expected -1 or a multiple of 16")
     if method == "awq":
-        version = str(config.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise ConversionError(f"{folder.name}: quantization_config.version is {version!r}; only AWQ 'gemm' "
-                                  "checkpoints are supported")
+        if str(config.get("version", "gemm")).lower() != "gemm":
+            raise refuse("version", config["version"], "only AWQ's gemm layout is supported")
         if not config.get("zero_point", True):
-            raise ConversionError(f"{folder.name}: quantization_config.zero_point is false; only AWQ with zero "
-                                  "points is supported")
+            raise refuse("zero_point", config["zero_point"], "only AWQ with zero points is supported")
         return QuantizedCheckpoint("awq", group, zero_offset=0)
+    if config.get("is_marlin_format"):  # AutoGPTQ's Marlin repacking
+        raise refuse("is_marlin_format", config["is_marlin_format"], "only GPTQ's own layout is supported")
     fmt = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
     if fmt not in GPTQ_ZERO_OFFSETS:
-        raise ConversionError(f"{folder.name}: quantization_config.checkpoint_format is {fmt!r}; supported: "
-                              f"{', '.join(GPTQ_ZERO_OFFSETS)}")
+        raise refuse("checkpoint_format", fmt, f"supported: {', '.join(GPTQ_ZERO_OFFSETS)}")
     return QuantizedCheckpoint("gptq", group, zero_offset=GPTQ_ZERO_OFFSETS[fmt])

@@ -225,11 +225,12 @@ def _edit_config(src, dst, **changes):
 BAD_CONFIGS = [
     ("awq", dict(bits=8), "quantization_config.bits is 8; only 4-bit AWQ"),
     ("gptq", dict(bits=8), "quantization_config.bits is 8; only 4-bit GPTQ"),
-    ("awq", dict(version="gemv"), "quantization_config.version is 'gemv'; only AWQ 'gemm'"),
+    ("awq", dict(version="gemv"), 'quantization_config.version is "gemv"; only AWQ\'s gemm'),
     ("awq", dict(zero_point=False), "quantization_config.zero_point is false"),
-    ("gptq", dict(checkpoint_format="marlin"), "quantization_config.checkpoint_format is 'marlin'"),
+    ("gptq", dict(checkpoint_format="marlin"), 'quantization_config.checkpoint_format is "marlin"'),
+    ("gptq", dict(is_marlin_format=True), "quantization_config.is_marlin_format is true"),
     ("gptq", dict(group_size=100), "quantization_config.group_size is 100"),
-    ("gptq", dict(quant_method="bitsandbytes"), "quantization_config.quant_method 'bitsandbytes' is not supported"),
+    ("gptq", dict(quant_method="bitsandbytes"), 'quantization_config.quant_method is "bitsandbytes"; supported'),
 ]
 
 
