@@ -100,17 +100,16 @@ class QuantizedCheckpoint:
         if n % 8 or group % 16:
             raise ConversionError(f"{module}: {n} outputs in groups of {group} inputs cannot be read "
                                   "(outputs must be a multiple of 8, groups of 16)")
+        expected = f"from {module}.scales {tuple(scales.shape)} in groups of {group}"
+        _check(f"{module}.qzeros", parts["qzeros"], (num_groups, n // 8), "[in / group, out / 8]", expected)
         if self.method == "awq":
-            _check(module, "qweight", qweight, (num_groups * group, n // 8), "[in, out / 8]")
-        else:
-            _check(module, "qweight", qweight, (num_groups * group // 8, n), "[in / 8, out]")
-        _check(module, "qzeros", parts["qzeros"], (num_groups, n // 8), "[in / group, out / 8]")
-        if self.method == "awq":
+            _check(f"{module}.qweight", qweight, (num_groups * group, n // 8), "[in, out / 8]", expected)
             q = _unpack_columns(qweight, AWQ_ORDER).T  # [N, K]
             zeros = _unpack_columns(parts["qzeros"], AWQ_ORDER)  # [K/G, N]
         else:
+            _check(f"{module}.qweight", qweight, (num_groups * group // 8, n), "[in / 8, out]", expected)
             _check_g_idx(module, parts.get("g_idx"), k, group)
-            q = _nibbles(qweight).transpose(1, 0, 2).reshape(n, k)  # [N, K/8, 8] -> [N, K]
+            q = _nibbles(qweight).transpose(1, 0, 2).reshape(n, k)  # [K/8, N, 8] -> [N, K/8, 8] -> [N, K]
             zeros = _unpack_columns(parts["qzeros"], tuple(range(8)))  # [K/G, N]
         scale = scales.astype(np.float32).T  # [N, K/G]
         low = -(zeros.T.astype(np.float32) + self.zero_offset) * scale  # exact: see the module docstring
@@ -126,10 +125,9 @@ def _is_part(name: str, present: set[str]) -> bool:
     return part in PARTS and f"{module}.qweight" in present
 
 
-def _check(module: str, part: str, x: np.ndarray, shape: tuple[int, int], layout: str) -> None:
+def _check(name: str, x: np.ndarray, shape: tuple[int, int], layout: str, expected: str) -> None:
     if x.dtype not in (np.int32, np.uint32) or tuple(x.shape) != shape:
-        raise ConversionError(f"{module}.{part} is {x.dtype} {tuple(x.shape)}; expected int32 {layout} = {shape} "
-                              f"by {module}.scales")
+        raise ConversionError(f"{name} is {x.dtype} {tuple(x.shape)}; expected int32 {layout} = {shape} {expected}")
 
 
 def _check_g_idx(module: str, g_idx: np.ndarray | None, k: int, group: int) -> None:
