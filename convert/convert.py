@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.gguf_source import GGUFSource, PackedTensor
+from convert.gguf_source import GGUFSource
 from convert.hf_source import PICKLE_SUFFIXES, HFSource
 from convert.names import map_name
+from convert.packed_tensor import PackedTensor
 from jpaged import checkpoint
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import abstract_params, flatten, unflatten
@@ -48,14 +49,15 @@ def _numpy_dtype(name: str):
 def _collect_params(source, config: ModelConfig, dtype: str, progress: bool,
                     packed: bool = False) -> tuple[dict[str, np.ndarray], Quantization]:
     """Maps every source tensor to our tree; every expected parameter must be filled exactly once.
-    With packed=True (a GGUF under --quantization auto) block-typed tensors stay packed."""
+    With packed=True (--quantization auto) a GGUF's block-typed tensors and an AWQ/GPTQ
+    checkpoint's quantized layers stay packed."""
     from tqdm import tqdm
 
     expected = {name: x.shape for name, x in flatten(abstract_params(config)).items()}
     params: dict[str, np.ndarray] = {}
     quant: Quantization = {}
     target = _numpy_dtype(dtype)
-    tensors = source.tensors(packed=True) if packed else source.tensors()
+    tensors = source.tensors(packed=packed)
     with tqdm(total=source.num_tensors(), desc="converting", unit="tensor", disable=not progress) as bar:
         for hf_name, tensor in tensors:
             bar.update(1)
@@ -66,6 +68,8 @@ def _collect_params(source, config: ModelConfig, dtype: str, progress: bool,
             if mapped is None:
                 continue
             path, transform = mapped
+            if path not in expected and path.endswith(".bias") and not np.any(tensor):
+                continue  # GPTQ checkpoints of bias-free models may store a zero bias for each layer
             if path not in expected:
                 raise ConversionError(f"tensor {hf_name} maps to {path}, which {config.architecture} does not have")
             if isinstance(tensor, PackedTensor):
@@ -99,8 +103,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = 
                        quantization: str = "auto") -> Path:
     """Converts src into a jpaged checkpoint at out. Raises ConversionError with a one-line reason.
 
-    quantization (jpaged.quantization): auto keeps a GGUF's block types packed and float float;
-    none stores float; int8/int4/int4-g128 round a float source's layers to nearest.
+    quantization (jpaged.quantization): auto keeps a GGUF's block types and an AWQ/GPTQ
+    checkpoint's layers packed and float float; none stores float; int8/int4/int4-g128 round a
+    float source's layers to nearest.
     """
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in DTYPES:
@@ -116,10 +121,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = 
     except (ValueError, KeyError) as e:
         raise ConversionError(f"{src}: {e}") from None
     dtype = dtype or (source.dtype if source.dtype in DTYPES else "float32")
-    is_gguf = isinstance(source, GGUFSource)
-    if quantization not in ("auto", "none") and is_gguf and source.is_quantized():
+    if quantization not in ("auto", "none") and source.is_quantized():
         raise ConversionError(f"{src.name} is already quantized; use --quantization auto (keep it) or none (float)")
-    params, quant = _collect_params(source, config, dtype, progress, packed=is_gguf and quantization == "auto")
+    params, quant = _collect_params(source, config, dtype, progress, packed=quantization == "auto")
     if quantization not in ("auto", "none"):
         params, quant = quantize_flat(params, quantization)
 

@@ -7,7 +7,6 @@ GGUF loader does, so the result is exactly the HF checkpoint transformers would 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -17,23 +16,9 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.gguf_packed import to_packed
-from jpaged.models.packed import PackedFormat
+from convert.packed_tensor import PackedTensor
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class PackedTensor:
-    """A GGUF tensor in jpaged's packed format: leaves {qweight, scales, mins} [N, ...], rows = outputs."""
-
-    leaves: dict[str, np.ndarray]
-    fmt: PackedFormat
-    type_name: str
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The HF weight's [out, in]."""
-        return self.leaves["scales"].shape[0], self.leaves["scales"].shape[1] * self.fmt.group_size
 
 # GGUF architectures we read, with the HF architecture they become.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}

@@ -127,3 +127,26 @@ def make_chunk(token_ids, start, block_ids, *, params=None, seed=0, history=None
         params=params or SamplingParams(temperature=0.0), seed=seed, history=np.asarray(history, np.int32),
         num_prompt_tokens=start + len(token_ids),
     )
+
+
+def prefill_logits(folder, prompt: list[int], linear: str):
+    """Logits [len(prompt), V] of every prompt position of a converted checkpoint (packed or
+    float, as stored), in float32 through the model runner, one prefill of up to 32 tokens."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jpaged import checkpoint
+    from jpaged.models.config import ModelConfig
+    from jpaged.models.params import build_model
+    from jpaged.runner.batch import BucketSpec, build_batch
+    from jpaged.runner.model_runner import ModelRunner
+
+    config = ModelConfig.from_file(folder / "config.json")
+    params = checkpoint.load_params(folder, config, jnp.float32)
+    quant = checkpoint.stored_quantization(checkpoint.read_manifest(folder))
+    spec = BucketSpec((16, 32), 8, (8,), 4, 16)
+    runner = ModelRunner(build_model(config, params, linear=linear, quant=quant), spec, kv_dtype=jnp.float32)
+    batch = build_batch([make_chunk(prompt, 0, np.arange(1, 9, dtype=np.int32))], spec)
+    return runner.logits(dataclasses.replace(batch, logits_indices=np.arange(len(prompt), dtype=np.int32)))

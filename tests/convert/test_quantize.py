@@ -4,7 +4,6 @@ packed checkpoints that are damaged being refused at load."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 
@@ -18,25 +17,13 @@ from convert.errors import ConversionError
 from jpaged import checkpoint
 from jpaged.models.config import ModelConfig
 from jpaged.models.packed import PackedFormat, unpack
-from jpaged.models.params import build_model, flatten, unflatten
-from jpaged.runner.batch import BucketSpec, build_batch
-from jpaged.runner.model_runner import ModelRunner
-from tests.conftest import HAS_COMPILER, default_model_gguf, make_chunk
+from jpaged.models.params import flatten, unflatten
+from tests.conftest import HAS_COMPILER, default_model_gguf, prefill_logits
 
 # Relative error of all prefill logits against the float model (measured on this tiny model,
 # whose peaked logits amplify weight error: int8 2.3%, int4 26%, int4-g128 14% with only
 # down_proj's 128 inputs a multiple of the group).
 TOLERANCE = {"int8": 0.04, "int4": 0.4, "int4-g128": 0.25}
-
-
-def _logits(folder, prompt: list[int], linear: str) -> np.ndarray:
-    config = ModelConfig.from_file(folder / "config.json")
-    params = checkpoint.load_params(folder, config, jnp.float32)
-    quant = checkpoint.stored_quantization(checkpoint.read_manifest(folder))
-    spec = BucketSpec((16, 32), 8, (8,), 4, 16)
-    runner = ModelRunner(build_model(config, params, linear=linear, quant=quant), spec, kv_dtype=jnp.float32)
-    batch = build_batch([make_chunk(prompt, 0, np.arange(1, 9, dtype=np.int32))], spec)
-    return runner.logits(dataclasses.replace(batch, logits_indices=np.arange(len(prompt), dtype=np.int32)))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +67,7 @@ def test_logits_within_tolerance_of_the_float_model(scheme, linear, quantized):
     model with the dequantized weights loaded (the packed arithmetic is exact)."""
     hf_model, folder = quantized[scheme]
     prompt = np.random.default_rng(0).integers(3, 160, size=12).tolist()
-    ours = _logits(folder, prompt, linear)
+    ours = prefill_logits(folder, prompt, linear)
     dequantized = copy.deepcopy(hf_model)
     params = flatten(checkpoint.load_params(folder, ModelConfig.from_file(folder / "config.json"), jnp.float32))
     state = dequantized.state_dict()
