@@ -22,6 +22,7 @@ from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.request_checks import check_token_ids, device_seed
+from jpaged.engine.step_bitmask import StepBitmask
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
     model_config_file, num_kv_pages, resolve_model_folder, runtime_dtype, sampler_store,
@@ -38,7 +39,7 @@ from jpaged.runner.model_runner import ModelRunner
 from jpaged.runner.prompt_logprobs import PromptLogprobs
 from jpaged.runner.prompt_logprobs import entries as prompt_entries
 from jpaged.sampling_params import SamplingParams
-from jpaged.structured import GrammarBackend, Matcher, make_backend
+from jpaged.structured import GrammarBackend, Matcher, bitmask_row, make_backend
 from pallas_kernels import cpu_build
 
 logger = logging.getLogger("jpaged")
@@ -77,6 +78,9 @@ class _Tracked:
     # predicts it); filled by position, so a recomputed (preempted) or n > 1 prefill rewrites equal values.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     sent_prompt_logprobs: bool = False  # a DELTA output carried them
+    # SamplingParams.allowed_token_ids as a token bitmask row, int32 [W]: built once, placed in the
+    # step's bitmask (jpaged.engine.step_bitmask) whenever one of its sequences samples.
+    allowed_mask: np.ndarray | None = None
     num_cached_tokens: int = 0  # of its first sequence, read when that one finishes its prefill
 
 
@@ -230,6 +234,8 @@ class LLMEngine:
         arrival = time.monotonic()
         tracked = _Tracked(req_id, text, ids, params, [], output_kind,
                            prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(ids))
+        if params.allowed_token_ids is not None:
+            tracked.allowed_mask = bitmask_row(params.allowed_token_ids, self.model_config.vocab_size)
         for i in range(params.n):
             seed = self._child_seed(params.seed, i)
             sched_id = req_id if params.n == 1 else f"{req_id}#{i}"
@@ -329,14 +335,20 @@ class LLMEngine:
         return outputs
 
     def _bitmask_filler(self, plan):
-        """The step's bitmask filler (ModelRunner.step), or None when no row that samples is constrained."""
-        rows = []
+        """The step's bitmask filler (ModelRunner.step), or None when no row that samples is constrained
+        (by a grammar or allowed_token_ids)."""
+        grammar_rows, allowed_rows = [], []
         for row, chunk in enumerate(plan.chunks):
-            if chunk.samples and (owner := self._owner.get(chunk.req_id)) and owner[1].matcher is not None:
-                rows.append((owner[1].matcher, row))
-        if not rows:
+            if not chunk.samples or (owner := self._owner.get(chunk.req_id)) is None:
+                continue
+            tracked, completion = owner
+            if completion.matcher is not None:
+                grammar_rows.append((completion.matcher, row))
+            if tracked.allowed_mask is not None:
+                allowed_rows.append((chunk.req_id, row, tracked.allowed_mask))
+        if not (grammar_rows or allowed_rows):
             return None
-        return lambda bitmask: self._grammars.fill_bitmask(rows, bitmask)
+        return StepBitmask(grammar_rows, allowed_rows, self._grammars).fill
 
     def _advance_matcher(self, sched_id: str, c: _Completion, token: int, status: RequestStatus | None):
         """Feeds the sampled token to the sequence's matcher; a complete constraint ends it with "stop"
