@@ -60,6 +60,9 @@ class GenerationRequest(_Model):
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:<id>"
     logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}
+    allowed_token_ids: list[int] | None = None  # vLLM: sample only among these token ids
+    # vLLM: per prompt token its log-probability, rank and the top k alternatives (not when streaming)
+    prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the client's own tracking; it changes nothing here
@@ -104,6 +107,8 @@ class GenerationRequest(_Model):
             raise bad_request(f"n must be in [1, {max_n}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: a stream has nowhere to put them
+            raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if self.use_beam_search:
             raise bad_request("use_beam_search is not supported: beam search is not implemented",
                               param="use_beam_search")
@@ -142,6 +147,7 @@ class GenerationRequest(_Model):
                 n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens, logit_bias=self.token_logit_bias(),
+                allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
                 structured_outputs=constraint, **kwargs,
             )
