@@ -9,9 +9,9 @@ ignored field (an echo that does not echo) gives clients wrong answers without a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from jpaged import SamplingParams, StructuredOutputs
 from serve.errors import bad_request, from_value_error
@@ -23,6 +23,18 @@ _IGNORED_STRUCTURED = ("backend", "disable_fallback", "whitespace_pattern", "dis
 
 # Names that SamplingParams' ValueErrors may start with, reported as the error's `param`.
 _PARAM_NAMES = tuple(SamplingParams.__dataclass_fields__)
+
+
+# Fields parsed by hand (for messages naming what is wrong) are `Any` to pydantic; /openapi.json
+# states what they accept, so clients and schema-driven fuzzers see the real shapes.
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]})
+_CONTENT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "null"},
+    {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]})
 
 
 class _Model(BaseModel):
@@ -166,7 +178,7 @@ class GenerationRequest(_Model):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked by prompts()
+    prompt: Annotated[Any, _PROMPT_SCHEMA]  # str | list[str] | list[int] | list[list[int]], checked by prompts()
     logprobs: int | None = None
     max_tokens: int | None = 16
     suffix: str | None = None
@@ -217,7 +229,8 @@ def _is_token_id(x: Any) -> bool:
 
 class ChatMessage(_Model):
     role: str
-    content: Any = None  # str | None | list of {"type": "text", "text": str}, checked by as_template_input()
+    # str | None | list of {"type": "text", "text": str}, checked by as_template_input()
+    content: Annotated[Any, _CONTENT_SCHEMA] = None
 
     def as_template_input(self, index: int) -> dict[str, Any]:
         """The message as chat templates expect it: content as one string (text parts joined)."""
