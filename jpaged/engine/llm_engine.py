@@ -21,12 +21,12 @@ from jpaged.core.request import Request, RequestStatus
 from jpaged.core.scheduler import Scheduler, SchedulerConfig
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.request_checks import check_token_ids, device_seed
-from jpaged.engine.step_bitmask import StepBitmask
-from jpaged.engine.tracked import TrackedCompletion, TrackedRequest
 from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
     model_config_file, num_kv_pages, resolve_model_folder, runtime_dtype, sampler_store,
 )
+from jpaged.engine.step_bitmask import StepBitmask
+from jpaged.engine.tracked import TrackedCompletion, TrackedRequest
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from jpaged.models.config import ModelConfig
@@ -197,8 +197,8 @@ class LLMEngine:
         arrival = time.monotonic()
         wants_prompt = params.prompt_logprobs is not None
         tracked = TrackedRequest(req_id, text, ids, params, [], output_kind,
-                           prompt_logprobs=[None] * len(ids) if wants_prompt else None,
-                           prompt_token_ranks=[None] * len(ids) if wants_prompt else None)
+                                 prompt_logprobs=[None] * len(ids) if wants_prompt else None,
+                                 prompt_token_ranks=[None] * len(ids) if wants_prompt else None)
         if params.allowed_token_ids is not None:
             tracked.allowed_mask = bitmask_row(params.allowed_token_ids, self.model_config.vocab_size)
         for i in range(params.n):
@@ -208,8 +208,9 @@ class LLMEngine:
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                                                stop=params.stop, include_stop=params.include_stop_str_in_output)
-            completion = TrackedCompletion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None,
-                                     matcher=None if constraint is None else self._grammars.matcher(constraint.key))
+            completion = TrackedCompletion(
+                i, sched_id, detok, logprobs=[] if params.logprobs is not None else None,
+                matcher=None if constraint is None else self._grammars.matcher(constraint.key))
             tracked.completions.append(completion)
             # Siblings arrive together; the later ones find the first one's prompt blocks in the prefix cache.
             self.scheduler.add_request(Request(sched_id, ids, params, seed, priority=priority, arrival_time=arrival))
