@@ -37,4 +37,7 @@ class RequestOutput:
     # the top alternatives given the tokens before it; None for the first token. A DELTA stream carries
     # it in its first output only.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Beside prompt_logprobs: each prompt token's rank among the vocabulary given the tokens before it
+    # (1 = the most likely; ties count against it, as vLLM); None for the first token.
+    prompt_token_ranks: list[int | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (of the first of n sequences)

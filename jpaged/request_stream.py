@@ -59,7 +59,8 @@ class RequestStream:
         self._error: BaseException | None = None
         self._event = asyncio.Event()
         self.finished = False  # the engine sent the last output
-        self._prompt_logprobs: list | None = None  # received, not yet handed to the reader
+        # (prompt_logprobs, prompt_token_ranks) received, not yet handed to the reader
+        self._prompt_logprobs: tuple[list, list] | None = None
         self.num_cached_tokens = 0  # prompt tokens the prefix cache supplied
         self._closed = False
 
@@ -73,7 +74,7 @@ class RequestStream:
         t.last_token_time = now
         self._prompt = out.prompt
         if out.prompt_logprobs is not None:  # the async engine streams deltas: this comes once
-            self._prompt_logprobs = out.prompt_logprobs
+            self._prompt_logprobs = out.prompt_logprobs, out.prompt_token_ranks
         self.num_cached_tokens = out.num_cached_tokens
         for c in out.outputs:
             t.num_generation_tokens += len(c.token_ids)
@@ -110,9 +111,11 @@ class RequestStream:
                 merged = [self._pending[i] for i in sorted(self._pending)]
                 self._pending = {}
                 self._returned_last = self.finished
-                prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
+                prompt_logprobs, ranks = self._prompt_logprobs or (None, None)
+                self._prompt_logprobs = None
                 return RequestOutput(self.req_id, self._prompt, self.prompt_token_ids, merged, self.finished,
-                                     prompt_logprobs=prompt_logprobs, num_cached_tokens=self.num_cached_tokens)
+                                     prompt_logprobs=prompt_logprobs, prompt_token_ranks=ranks,
+                                     num_cached_tokens=self.num_cached_tokens)
             if self._error is not None:
                 raise self._error
             if self.finished or self._closed:

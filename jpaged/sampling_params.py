@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Iterable
 
 from jpaged.structured.params import StructuredOutputs
 
@@ -61,6 +63,12 @@ class SamplingParams:
     """{token id: bias in [-100, 100]} added to the raw logits before anything else (at most
     MAX_LOGIT_BIAS entries): +100 all but forces a token, -100 all but bans it. Ids are checked
     against the vocabulary when the request is added."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """Sample only among these token ids (vLLM's extension; a list is taken as a tuple); None allows
+    all. Non-empty; ids are checked against the vocabulary when the request is added. Applied as a
+    token mask on the device, like structured outputs, so log-probabilities are those of the masked
+    distribution; with a constraint too, a token must be allowed by both (a step where they share
+    none follows the constraint alone: an empty mask would leave nothing to sample)."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -109,6 +117,19 @@ class SamplingParams:
             check(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
             check(all(is_num(v) and -100 <= v <= 100 for v in bias.values()), "logit_bias", "biases in [-100, 100]")
             object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in bias.items()})
+        if self.allowed_token_ids is not None:
+            self._check_allowed_token_ids()
+
+    def _check_allowed_token_ids(self) -> None:
+        # The list may be most of the vocabulary: messages name the first bad id, not the list.
+        given = self.allowed_token_ids
+        ids = () if isinstance(given, (str, bytes, dict)) or not isinstance(given, Iterable) else tuple(given)
+        if not ids:
+            raise ValueError(f"allowed_token_ids must be None or a non-empty list of token ids, got {given!r:.100}")
+        bad = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0), None)
+        if bad is not None:
+            raise ValueError(f"allowed_token_ids must hold non-negative token ids, got {bad!r:.100}")
+        object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in ids))
 
     @property
     def is_greedy(self) -> bool:

@@ -49,9 +49,10 @@ class Generation:
         self.streams = streams
         self.n = n
         self.num_prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
-        # Per stream, its prompt's log-probabilities once they arrive (with its first output, before
-        # any delta of it is yielded) when SamplingParams.prompt_logprobs asked for them.
+        # Per stream, its prompt's log-probabilities and ranks once they arrive (with its first output,
+        # before any delta of it is yielded) when SamplingParams.prompt_logprobs asked for them.
         self.prompt_logprobs: list[list | None] = [None] * len(streams)
+        self.prompt_ranks: list[list | None] = [None] * len(streams)
 
     async def deltas(self) -> AsyncIterator[CompletionOutput]:
         """Completion deltas whose `index` is the choice index, in the order the engine made them."""
@@ -93,7 +94,12 @@ class Generation:
 
     def _keep_prompt_logprobs(self, i: int, out) -> None:
         if out.prompt_logprobs is not None:
-            self.prompt_logprobs[i] = out.prompt_logprobs
+            self.prompt_logprobs[i], self.prompt_ranks[i] = out.prompt_logprobs, out.prompt_token_ranks
+
+    def vllm_prompt_logprobs(self, tokenizer, num_top: int) -> list[list]:
+        """Per stream (prompt), vLLM's prompt_logprobs with num_top alternatives (responses.prompt_logprobs)."""
+        return [R.prompt_logprobs(tokenizer, s.prompt_token_ids, lp, ranks, num_top)
+                for s, lp, ranks in zip(self.streams, self.prompt_logprobs, self.prompt_ranks)]
 
     def close(self) -> None:
         for stream in self.streams:
@@ -138,7 +144,7 @@ async def start(app: web.Application, kind: str, prompts: list, params: Sampling
     except ValueError as e:
         for stream in streams:
             stream.close()
-        error = from_value_error(e, ("stop_token_ids", "logit_bias"))
+        error = from_value_error(e, ("stop_token_ids", "logit_bias", "allowed_token_ids"))
         if len(prompts) > 1:
             error.message = f"prompt {i}: {error.message}"
         raise error from None
@@ -195,7 +201,12 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
             except EngineDeadError as e:
                 raise APIError(500, str(e), code="engine_dead") from None
             make_choice = R.chat_choice if chat else R.completion_choice
-            out = []
+            out, extra = [], {}
+            prompt_lps = None
+            if req.prompt_logprobs is not None:  # vLLM's places: each completion choice, or the chat response
+                prompt_lps = gen.vllm_prompt_logprobs(request.app[ENGINE].tokenizer, req.prompt_logprobs)
+                if chat:
+                    extra["prompt_logprobs"] = prompt_lps[0]
             if echo is not None and echo.scoring:
                 choices = {i: _Choice(finish_reason=c.finish_reason) for i, c in choices.items()}
             for index in sorted(choices):
@@ -207,13 +218,15 @@ async def _respond(request: web.Request, req: GenerationRequest, gen: Generation
                           else fmt.completion(c.token_ids, c.logprobs, len(prefix)))
                     lp = R.concat_logprobs(prefix_lp, lp) if prefix_lp is not None else lp
                 choice = make_choice(index, prefix + text, c.finish_reason, lp)
+                if prompt_lps is not None and not chat:
+                    choice["prompt_logprobs"] = prompt_lps[index // gen.n]
                 if tools is not None:
                     message, choice["finish_reason"] = tools.message(text, c.finish_reason)
                     choice["message"].update(message)
                 out.append(choice)
             num_completion = sum(len(c.token_ids) for c in choices.values())
             return web.json_response(R.body(response_id, obj, created, model, out,
-                                            usage=gen.usage(num_completion)))
+                                            usage=gen.usage(num_completion), **extra))
 
         response = await event_stream(request)
         extra = {"usage": None} if req.include_usage else {}
@@ -280,6 +293,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     check_model(app, req.model)
     req.check_fields(app[SETTINGS].max_n)
     check_num_logprobs(req.logprobs, app[SETTINGS].max_logprobs, "logprobs")
+    check_num_logprobs(req.prompt_logprobs, app[SETTINGS].max_logprobs, "prompt_logprobs")
     prompts = req.prompts()
     tokenizer = app[ENGINE].tokenizer
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
@@ -288,8 +302,10 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         texts = [p if isinstance(p, str) else tokenizer.decode(p) if tokenizer is not None else "" for p in prompts]
         echo = Echo(texts, scoring=max_tokens == 0)
         max_tokens = max_tokens or 1
+    # echo's logprobs and prompt_logprobs read the same prompt entries: the engine computes the larger k.
+    asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
     params = req.sampling_params(max_tokens=max_tokens, logprobs=req.logprobs,
-                                 prompt_logprobs=req.logprobs if req.echo else None, constraint=req.constraint())
+                                 prompt_logprobs=max(asked, default=None), constraint=req.constraint())
     response_id, gen = await start(app, "cmpl", prompts, params)
     fmt = None if req.logprobs is None else R.LogprobFormatter(tokenizer, req.logprobs,
                                                                as_token_ids=req.return_tokens_as_token_ids)
@@ -333,6 +349,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     check_model(app, req.model)
     req.check_fields(app[SETTINGS].max_n)
     check_num_logprobs(req.top_logprobs, app[SETTINGS].max_logprobs, "top_logprobs")
+    check_num_logprobs(req.prompt_logprobs, app[SETTINGS].max_logprobs, "prompt_logprobs")
     engine = app[ENGINE]
     functions, tool_choice = T.check_tools(req.tools, req.tool_choice)
     constraint = req.constraint()
@@ -354,7 +371,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                 param="messages", code="context_length_exceeded")
     num_logprobs = req.num_logprobs
-    params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs, constraint=constraint)
+    params = req.sampling_params(max_tokens=max_tokens, logprobs=num_logprobs, prompt_logprobs=req.prompt_logprobs,
+                                 constraint=constraint)
     response_id, gen = await start(app, "chatcmpl", [ids], params)
     fmt = None if num_logprobs is None else R.LogprobFormatter(engine.tokenizer, num_logprobs,
                                                                as_token_ids=req.return_tokens_as_token_ids)

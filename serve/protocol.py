@@ -9,9 +9,9 @@ ignored field (an echo that does not echo) gives clients wrong answers without a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from jpaged import SamplingParams, StructuredOutputs
 from serve.errors import bad_request, from_value_error
@@ -23,6 +23,18 @@ _IGNORED_STRUCTURED = ("backend", "disable_fallback", "whitespace_pattern", "dis
 
 # Names that SamplingParams' ValueErrors may start with, reported as the error's `param`.
 _PARAM_NAMES = tuple(SamplingParams.__dataclass_fields__)
+
+
+# Fields parsed by hand (for messages naming what is wrong) are `Any` to pydantic; /openapi.json
+# states what they accept, so clients and schema-driven fuzzers see the real shapes.
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]})
+_CONTENT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "null"},
+    {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]})
 
 
 class _Model(BaseModel):
@@ -60,6 +72,9 @@ class GenerationRequest(_Model):
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:<id>"
     logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}
+    allowed_token_ids: list[int] | None = None  # vLLM: sample only among these token ids
+    # vLLM: per prompt token its log-probability, rank and the top k alternatives (not when streaming)
+    prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the client's own tracking; it changes nothing here
@@ -104,6 +119,8 @@ class GenerationRequest(_Model):
             raise bad_request(f"n must be in [1, {max_n}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: a stream has nowhere to put them
+            raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if self.use_beam_search:
             raise bad_request("use_beam_search is not supported: beam search is not implemented",
                               param="use_beam_search")
@@ -142,6 +159,7 @@ class GenerationRequest(_Model):
                 n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens, logit_bias=self.token_logit_bias(),
+                allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
                 structured_outputs=constraint, **kwargs,
             )
@@ -160,7 +178,7 @@ class GenerationRequest(_Model):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked by prompts()
+    prompt: Annotated[Any, _PROMPT_SCHEMA]  # str | list[str] | list[int] | list[list[int]], checked by prompts()
     logprobs: int | None = None
     max_tokens: int | None = 16
     suffix: str | None = None
@@ -211,7 +229,8 @@ def _is_token_id(x: Any) -> bool:
 
 class ChatMessage(_Model):
     role: str
-    content: Any = None  # str | None | list of {"type": "text", "text": str}, checked by as_template_input()
+    # str | None | list of {"type": "text", "text": str}, checked by as_template_input()
+    content: Annotated[Any, _CONTENT_SCHEMA] = None
 
     def as_template_input(self, index: int) -> dict[str, Any]:
         """The message as chat templates expect it: content as one string (text parts joined)."""

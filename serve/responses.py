@@ -21,6 +21,12 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens:
             "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
+def _top(entry: dict[int, float], num_top: int) -> list[tuple[int, float]]:
+    """The num_top most likely (token id, logprob) of an entry. An entry holds the sampled (or prompt)
+    token and the top alternatives; that token may not be among them."""
+    return sorted(entry.items(), key=lambda item: -item[1])[:num_top]
+
+
 class LogprobFormatter:
     """Turns the engine's per-token {token_id: logprob} dicts into the two OpenAI formats."""
 
@@ -34,10 +40,6 @@ class LogprobFormatter:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
-        # The entry holds the sampled token and the top alternatives; the sampled one may not be among them.
-        return sorted(entry.items(), key=lambda item: -item[1])[: self.num_top]
-
     def completion(self, token_ids: list[int], logprobs: list[dict[int, float]], text_offset: int) -> dict[str, Any]:
         """The legacy completions format: parallel lists, top alternatives as {token: logprob}."""
         tokens, offsets = [], []
@@ -50,7 +52,7 @@ class LogprobFormatter:
         return {
             "tokens": tokens,
             "token_logprobs": [entry[t] for t, entry in zip(token_ids, logprobs)],
-            "top_logprobs": [{self.token(a): lp for a, lp in self._top(entry)} | {tok: entry[t]}
+            "top_logprobs": [{self.token(a): lp for a, lp in _top(entry, self.num_top)} | {tok: entry[t]}
                              for tok, t, entry in zip(tokens, token_ids, logprobs)],
             "text_offset": offsets,
         }
@@ -70,9 +72,31 @@ class LogprobFormatter:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         return {"content": [
-            {**item(t, entry[t]), "top_logprobs": [item(alt, lp) for alt, lp in self._top(entry)]}
+            {**item(t, entry[t]), "top_logprobs": [item(alt, lp) for alt, lp in _top(entry, self.num_top)]}
             for t, entry in zip(token_ids, logprobs)
         ]}
+
+
+# vLLM's stand-in for a log-probability of -inf, which JSON cannot carry.
+MIN_LOGPROB = -9999.0
+
+
+def prompt_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float] | None],
+                    ranks: list[int | None], num_top: int) -> list[dict[int, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token (nothing predicts it), then per token
+    {token id: {logprob, rank, decoded_token}} for the prompt's token (its rank in the vocabulary) and
+    the num_top most likely alternatives (ranks 1..num_top)."""
+
+    def item(token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        decoded = None if tokenizer is None else tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"logprob": max(logprob, MIN_LOGPROB), "rank": rank, "decoded_token": decoded}
+
+    out: list[dict[int, dict[str, Any]] | None] = [None]
+    for token_id, entry, rank in zip(token_ids[1:], logprobs[1:], ranks[1:]):
+        position = {token_id: item(token_id, entry[token_id], rank)}
+        position.update((t, item(t, lp, i + 1)) for i, (t, lp) in enumerate(_top(entry, num_top)) if t != token_id)
+        out.append(position)
+    return out
 
 
 def concat_logprobs(first: dict[str, list], then: dict[str, list]) -> dict[str, list]:

@@ -48,6 +48,9 @@ class ResponsesRequest(GenerationRequest):
                 raise bad_request(f"{field} is not supported: this server keeps no responses", param=field)
         if self.tools:
             raise bad_request("tools are not supported in /v1/responses (text only)", param="tools")
+        if self.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported in /v1/responses; use /v1/completions or "
+                              "/v1/chat/completions", param="prompt_logprobs")
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation for the chat template: instructions as the system message, then the input."""

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -26,58 +25,26 @@ from jpaged.engine.model_loading import (
     StartupClock, bucket_spec, executable_store, kv_size_needs_weights, load_model, max_model_len,
     model_config_file, num_kv_pages, resolve_model_folder, runtime_dtype, sampler_store,
 )
+from jpaged.engine.step_bitmask import StepBitmask
+from jpaged.engine.tracked import TrackedCompletion, TrackedRequest
 from jpaged.models.attention import alloc_kv_pools
 from jpaged.models.backends import resolve_backend, resolve_linear_backend
 from jpaged.models.config import ModelConfig
 from jpaged.models.params import build_model
 from jpaged.quantization import describe, weight_bytes
-from jpaged.outputs import CompletionOutput, RequestOutput, RequestOutputKind
+from jpaged.outputs import RequestOutput, RequestOutputKind
 from jpaged.parallel.step_channel import Op, StepChannel, run_worker
 from jpaged.runner.batch import build_batch
 from jpaged.runner.model_runner import ModelRunner
 from jpaged.runner.prompt_logprobs import PromptLogprobs
 from jpaged.runner.prompt_logprobs import entries as prompt_entries
 from jpaged.sampling_params import SamplingParams
-from jpaged.structured import GrammarBackend, Matcher, make_backend
+from jpaged.structured import GrammarBackend, bitmask_row, make_backend
 from pallas_kernels import cpu_build
 
 logger = logging.getLogger("jpaged")
 
 PromptType = str | list[int] | dict[str, Any]
-
-
-@dataclasses.dataclass
-class _Completion:
-    """One of a request's n sequences, as the engine tracks its output."""
-
-    index: int
-    sched_id: str  # the scheduler's request id
-    detokenizer: IncrementalDetokenizer | None
-    # Its constraint's state (structured outputs): advanced by every sampled token; it lives as
-    # long as the sequence, so a preempted sequence, recomputed from the same tokens, keeps it.
-    matcher: Matcher | None = None
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None
-    # What DELTA outputs have already carried: token ids (and logprobs), characters, the finish.
-    num_sent_tokens: int = 0
-    num_sent_chars: int = 0
-    sent_finish: bool = False
-
-
-@dataclasses.dataclass
-class _Tracked:
-    req_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    completions: list[_Completion]
-    output_kind: RequestOutputKind
-    # With SamplingParams.prompt_logprobs: one entry per prompt position, None for the first (nothing
-    # predicts it); filled by position, so a recomputed (preempted) or n > 1 prefill rewrites equal values.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    sent_prompt_logprobs: bool = False  # a DELTA output carried them
-    num_cached_tokens: int = 0  # of its first sequence, read when that one finishes its prefill
 
 
 class LLMEngine:
@@ -154,8 +121,8 @@ class LLMEngine:
         )
         self.eos_token_ids = self._eos_token_ids()
         self._rng = np.random.default_rng(config.seed)
-        self._tracked: dict[str, _Tracked] = {}
-        self._owner: dict[str, tuple[_Tracked, _Completion]] = {}  # by scheduler request id
+        self._tracked: dict[str, TrackedRequest] = {}
+        self._owner: dict[str, tuple[TrackedRequest, TrackedCompletion]] = {}  # by scheduler request id
         self._num_real_tokens = 0
         self._num_padded_tokens = 0
         self._grammars: GrammarBackend | None = None  # made on the first constrained request
@@ -228,8 +195,12 @@ class LLMEngine:
         if constraint is not None:
             self.grammar_backend().matcher(constraint.key)  # compiles now: a bad grammar fails here, not mid-step
         arrival = time.monotonic()
-        tracked = _Tracked(req_id, text, ids, params, [], output_kind,
-                           prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(ids))
+        wants_prompt = params.prompt_logprobs is not None
+        tracked = TrackedRequest(req_id, text, ids, params, [], output_kind,
+                                 prompt_logprobs=[None] * len(ids) if wants_prompt else None,
+                                 prompt_token_ranks=[None] * len(ids) if wants_prompt else None)
+        if params.allowed_token_ids is not None:
+            tracked.allowed_mask = bitmask_row(params.allowed_token_ids, self.model_config.vocab_size)
         for i in range(params.n):
             seed = self._child_seed(params.seed, i)
             sched_id = req_id if params.n == 1 else f"{req_id}#{i}"
@@ -237,8 +208,9 @@ class LLMEngine:
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                                                stop=params.stop, include_stop=params.include_stop_str_in_output)
-            completion = _Completion(i, sched_id, detok, logprobs=[] if params.logprobs is not None else None,
-                                     matcher=None if constraint is None else self._grammars.matcher(constraint.key))
+            completion = TrackedCompletion(
+                i, sched_id, detok, logprobs=[] if params.logprobs is not None else None,
+                matcher=None if constraint is None else self._grammars.matcher(constraint.key))
             tracked.completions.append(completion)
             # Siblings arrive together; the later ones find the first one's prompt blocks in the prefix cache.
             self.scheduler.add_request(Request(sched_id, ids, params, seed, priority=priority, arrival_time=arrival))
@@ -284,7 +256,7 @@ class LLMEngine:
         finished = {f.req_id: f.status for f in self.scheduler.update_from_output(
             plan, result.token_ids[: len(plan.chunks)], self.eos_token_ids)}
 
-        advanced: dict[str, _Tracked] = {}
+        advanced: dict[str, TrackedRequest] = {}
         for row, chunk in enumerate(plan.chunks):
             if not chunk.samples:
                 continue
@@ -311,34 +283,30 @@ class LLMEngine:
 
         outputs = []
         for tracked in advanced.values():
-            finished = all(c.finish_reason is not None for c in tracked.completions)
-            if finished:
+            if tracked.finished:
                 del self._tracked[tracked.req_id]
             elif tracked.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            prompt_logprobs = tracked.prompt_logprobs
-            if tracked.output_kind is RequestOutputKind.DELTA:
-                completions = self._deltas(tracked)
-                prompt_logprobs = None if tracked.sent_prompt_logprobs else prompt_logprobs
-                tracked.sent_prompt_logprobs = True
-            else:
-                completions = [self._cumulative(c) for c in tracked.completions]
-            outputs.append(RequestOutput(tracked.req_id, tracked.prompt, tracked.prompt_token_ids, completions, finished,
-                                         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
-                                         num_cached_tokens=tracked.num_cached_tokens))
+            outputs.append(tracked.output())
         return outputs
 
     def _bitmask_filler(self, plan):
-        """The step's bitmask filler (ModelRunner.step), or None when no row that samples is constrained."""
-        rows = []
+        """The step's bitmask filler (ModelRunner.step), or None when no row that samples is constrained
+        (by a grammar or allowed_token_ids)."""
+        grammar_rows, allowed_rows = [], []
         for row, chunk in enumerate(plan.chunks):
-            if chunk.samples and (owner := self._owner.get(chunk.req_id)) and owner[1].matcher is not None:
-                rows.append((owner[1].matcher, row))
-        if not rows:
+            if not chunk.samples or (owner := self._owner.get(chunk.req_id)) is None:
+                continue
+            tracked, completion = owner
+            if completion.matcher is not None:
+                grammar_rows.append((completion.matcher, row))
+            if tracked.allowed_mask is not None:
+                allowed_rows.append((chunk.req_id, row, tracked.allowed_mask))
+        if not (grammar_rows or allowed_rows):
             return None
-        return lambda bitmask: self._grammars.fill_bitmask(rows, bitmask)
+        return StepBitmask(grammar_rows, allowed_rows, self._grammars).fill
 
-    def _advance_matcher(self, sched_id: str, c: _Completion, token: int, status: RequestStatus | None):
+    def _advance_matcher(self, sched_id: str, c: TrackedCompletion, token: int, status: RequestStatus | None):
         """Feeds the sampled token to the sequence's matcher; a complete constraint ends it with "stop"
         (even when the same token reached max_tokens: the output is whole)."""
         if status is RequestStatus.FINISHED_STOPPED and token in self.eos_token_ids:
@@ -357,34 +325,11 @@ class LLMEngine:
             n, k = len(chunk.token_ids), chunk.params.prompt_logprobs
             owner = self._owner.get(chunk.req_id)
             if k is not None and owner is not None:
-                found = prompt_entries(out, targets, offset, n, k)
+                found, ranks = prompt_entries(out, targets, offset, n, k)
                 # Flat tokens start.. predict prompt positions start + 1..
-                owner[0].prompt_logprobs[chunk.start + 1 : chunk.start + 1 + len(found)] = found
+                positions = slice(chunk.start + 1, chunk.start + 1 + len(found))
+                owner[0].prompt_logprobs[positions], owner[0].prompt_token_ranks[positions] = found, ranks
             offset += n
-
-    @staticmethod
-    def _visible_text(c: _Completion) -> str:
-        return c.detokenizer.visible_text(c.finish_reason is not None) if c.detokenizer is not None else ""
-
-    def _cumulative(self, c: _Completion) -> CompletionOutput:
-        return CompletionOutput(c.index, self._visible_text(c), list(c.token_ids), c.finish_reason,
-                                None if c.logprobs is None else list(c.logprobs))
-
-    def _deltas(self, tracked: _Tracked) -> list[CompletionOutput]:
-        """What is new in each completion since its last delta; completions with nothing new are left out."""
-        deltas = []
-        for c in tracked.completions:
-            text = self._visible_text(c)[c.num_sent_chars :]  # visible text only grows (stop strings are held back)
-            ids = c.token_ids[c.num_sent_tokens :]
-            reason = None if c.sent_finish else c.finish_reason
-            if not (text or ids or reason):
-                continue
-            logprobs = None if c.logprobs is None else c.logprobs[c.num_sent_tokens :]
-            c.num_sent_chars += len(text)
-            c.num_sent_tokens = len(c.token_ids)
-            c.sent_finish = reason is not None or c.sent_finish
-            deltas.append(CompletionOutput(c.index, text, ids, reason, logprobs))
-        return deltas
 
     # -- several processes (jpaged.parallel.step_channel) ---------------------------------
     @property

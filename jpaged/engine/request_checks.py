@@ -14,14 +14,15 @@ from jpaged.sampling_params import SamplingParams
 
 
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
-    """Raises ValueError naming the first id (of the prompt, stop_token_ids or logit_bias) that is
-    not in [0, vocab_size)."""
+    """Raises ValueError naming the first id (of the prompt, stop_token_ids, logit_bias or
+    allowed_token_ids) that is not in [0, vocab_size)."""
     ids = np.asarray(prompt_ids, np.int64)
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
         raise ValueError(f"Token id {int(bad[0])} in the prompt is out of vocabulary (the model's vocabulary has "
                          f"{vocab_size} tokens, ids 0 to {vocab_size - 1})")
-    for field, field_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+    for field, field_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                             ("allowed_token_ids", params.allowed_token_ids or ())):
         bad = [t for t in field_ids if t >= vocab_size]
         if bad:
             raise ValueError(f"{field} must hold ids in the vocabulary: token id {bad[0]} is out of vocabulary "

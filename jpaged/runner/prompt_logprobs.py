@@ -5,7 +5,8 @@ The forward program returns, besides the logits of each sequence's last token, t
 of every token of the step, padded to the largest T bucket ([T_max, D]; a copy of ~T_max x D
 values per step, which stays on the device). A step where some request asks for prompt
 log-probabilities then runs one more program over them: the final norm and lm_head of every
-token, a log-softmax, the log-probability of the prompt's next token and the top MAX_LOGPROBS.
+token, a log-softmax, the log-probability of the prompt's next token, its rank in the vocabulary
+and the top MAX_LOGPROBS.
 It works ROWS tokens at a time (lax.map) and skips blocks where nobody asked (lax.cond), so the
 cost is ~ROWS x D x V multiply-adds per block of asked-for tokens, memory ROWS x V, and one
 program per engine whatever the step's shape.
@@ -34,6 +35,8 @@ class PromptLogprobs:
     """One step's prompt log-probabilities, per flat token of the batch (numpy, host)."""
 
     target_logprobs: np.ndarray  # float32 [T] log p(targets[i] | tokens up to i); garbage where targets < 0
+    # int32 [T] tokens at least as likely as targets[i] (itself included: 1 = the most likely), as vLLM
+    target_ranks: np.ndarray
     top_ids: np.ndarray  # int32 [T, MAX_LOGPROBS]
     top_logprobs: np.ndarray  # float32 [T, MAX_LOGPROBS]
 
@@ -55,7 +58,8 @@ def prompt_targets(chunks, t_pad: int) -> np.ndarray:
 
 
 def prompt_logprobs_step(graphdef: nnx.GraphDef, state: nnx.State, hidden: jax.Array, targets: jax.Array):
-    """hidden [T, D], targets int32 [T] -> (float32 [T], int32 [T, k], float32 [T, k]) with k = MAX_LOGPROBS."""
+    """hidden [T, D], targets int32 [T] -> PromptLogprobs' arrays (float32 [T], int32 [T], int32 [T, k],
+    float32 [T, k]) with k = MAX_LOGPROBS."""
     model = nnx.merge(graphdef, state)
     t = hidden.shape[0]
     rows = ROWS if t % ROWS == 0 else t
@@ -63,26 +67,31 @@ def prompt_logprobs_step(graphdef: nnx.GraphDef, state: nnx.State, hidden: jax.A
     def compute(h, tgt):  # [rows, D], [rows]
         logp = jax.nn.log_softmax(model.logits(h), axis=-1)  # [rows, V]
         target = jnp.take_along_axis(logp, jnp.maximum(tgt, 0)[:, None], axis=-1)[:, 0]
+        rank = jnp.sum(logp >= target[:, None], axis=-1, dtype=jnp.int32)
         values, ids = jax.lax.top_k(logp, MAX_LOGPROBS)
-        return target, ids.astype(jnp.int32), values
+        return target, rank, ids.astype(jnp.int32), values
 
     def skip(h, tgt):
-        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, MAX_LOGPROBS), jnp.int32),
+        return (jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32), jnp.zeros((rows, MAX_LOGPROBS), jnp.int32),
                 jnp.zeros((rows, MAX_LOGPROBS), jnp.float32))
 
     def block(args):
         h, tgt = args
         return jax.lax.cond(jnp.any(tgt >= 0), compute, skip, h, tgt)
 
-    target, ids, values = jax.lax.map(block, (hidden.reshape(t // rows, rows, -1), targets.reshape(t // rows, rows)))
-    return target.reshape(t), ids.reshape(t, MAX_LOGPROBS), values.reshape(t, MAX_LOGPROBS)
+    target, rank, ids, values = jax.lax.map(block, (hidden.reshape(t // rows, rows, -1),
+                                                    targets.reshape(t // rows, rows)))
+    return target.reshape(t), rank.reshape(t), ids.reshape(t, MAX_LOGPROBS), values.reshape(t, MAX_LOGPROBS)
 
 
-def entries(out: PromptLogprobs, targets: np.ndarray, offset: int, n: int, k: int) -> list[dict[int, float]]:
+def entries(out: PromptLogprobs, targets: np.ndarray, offset: int, n: int,
+            k: int) -> tuple[list[dict[int, float]], list[int]]:
     """The {token id: logprob} entries (the prompt's token, then the top k) of flat tokens offset..offset+n
-    whose target is set, in order; the per-token dicts are the API's shape, built only for requests that ask."""
+    whose target is set, in order, and the prompt tokens' ranks; the per-token dicts are the API's
+    shape, built only for requests that ask."""
     sl = slice(offset, offset + n)
     keep = targets[sl] >= 0
     tgt, lp = targets[sl][keep].tolist(), out.target_logprobs[sl][keep].tolist()
     top_ids, top_lps = out.top_ids[sl][keep, :k].tolist(), out.top_logprobs[sl][keep, :k].tolist()
-    return [{t: v, **dict(zip(i, l))} for t, v, i, l in zip(tgt, lp, top_ids, top_lps)]
+    found = [{t: v, **dict(zip(i, l))} for t, v, i, l in zip(tgt, lp, top_ids, top_lps)]
+    return found, out.target_ranks[sl][keep].tolist()

@@ -1,10 +1,10 @@
 """Structured outputs: constraints (StructuredOutputs), the grammar-engine interface (backend.py)
 and its llguidance implementation."""
 
-from jpaged.structured.backend import GrammarBackend, Matcher, bitmask_width
+from jpaged.structured.backend import GrammarBackend, Matcher, bitmask_row, bitmask_width
 from jpaged.structured.params import StructuredOutputs
 
-__all__ = ["StructuredOutputs", "GrammarBackend", "Matcher", "bitmask_width", "make_backend"]
+__all__ = ["StructuredOutputs", "GrammarBackend", "Matcher", "bitmask_row", "bitmask_width", "make_backend"]
 
 
 def make_backend(tokenizer, vocab_size: int, eos_token_id: int | None = None) -> GrammarBackend:

@@ -24,6 +24,14 @@ def bitmask_width(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
+def bitmask_row(token_ids, vocab_size: int) -> np.ndarray:
+    """int32 [W]: the row that allows exactly token_ids (each in [0, vocab_size); repeats are fine)."""
+    ids = np.asarray(token_ids, np.int64)
+    words = np.zeros(bitmask_width(vocab_size), np.uint32)
+    np.bitwise_or.at(words, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    return words.view(np.int32)
+
+
 class Matcher(abc.ABC):
     """One sequence's position in its grammar."""
 

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from jpaged.structured.backend import GrammarBackend, Matcher
+from jpaged.structured.backend import GrammarBackend, Matcher, bitmask_row
 from jpaged.structured.params import grammar_text
 
 logger = logging.getLogger("jpaged")
@@ -86,8 +86,7 @@ class LLGuidanceBackend(GrammarBackend):
         live = [(m._m, row) for m, row in rows if not m.is_error()]
         for m, row in rows:
             if m.is_error():  # only end-of-sequence (llguidance's own mask of an errored matcher is empty)
-                bitmask[row] = 0
-                bitmask[row, self.eos_token_id >> 5] = np.int32(np.uint32(1 << (self.eos_token_id & 31)).view(np.int32))
+                bitmask[row] = bitmask_row([self.eos_token_id], self.vocab_size)
         if live:
             if any(row < 0 or row >= bitmask.shape[0] for _, row in live):
                 raise ValueError(f"bitmask rows out of range for a batch of {bitmask.shape[0]}")

@@ -22,14 +22,18 @@ def hf_log_softmax(hf_model, ids: list[int]) -> np.ndarray:
         return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0], -1).numpy()  # [len(ids), V]
 
 
-def check(prompt_logprobs, ids: list[int], ref: np.ndarray, k: int) -> None:
-    assert len(prompt_logprobs) == len(ids) and prompt_logprobs[0] is None
+def check(out, ids: list[int], ref: np.ndarray, k: int) -> None:
+    """out's prompt logprobs and ranks against HF's log-softmax ref [len(ids), V]."""
+    prompt_logprobs, ranks = out.prompt_logprobs, out.prompt_token_ranks
+    assert len(prompt_logprobs) == len(ranks) == len(ids) and prompt_logprobs[0] is None and ranks[0] is None
     for pos in range(1, len(ids)):
         entry, row = prompt_logprobs[pos], ref[pos - 1]
         top = np.argsort(-row, kind="stable")[:k].tolist()
         assert set(entry) == set(top) | {ids[pos]}, pos
         for tok, lp in entry.items():
             assert lp == pytest.approx(float(row[tok]), abs=1e-4), (pos, tok)
+        # vLLM's rank: tokens at least as likely, itself included (random logits have no ties).
+        assert ranks[pos] == int((row >= row[ids[pos]]).sum()), pos
 
 
 def test_prompt_logprobs_match_hf_across_chunks_cache_and_n(hf_and_llm):
@@ -41,6 +45,6 @@ def test_prompt_logprobs_match_hf_across_chunks_cache_and_n(hf_and_llm):
     llm.generate([long], plain, use_tqdm=False)  # its blocks are now cached: prompt logprobs must not use them
     outs = llm.generate([long, short, short], [params, plain, SamplingParams(
         temperature=0, max_tokens=2, prompt_logprobs=0, n=2, ignore_eos=True)], use_tqdm=False)
-    check(outs[0].prompt_logprobs, long, hf_log_softmax(hf_model, long), 3)
-    assert outs[1].prompt_logprobs is None
-    check(outs[2].prompt_logprobs, short, hf_log_softmax(hf_model, short), 0)
+    check(outs[0], long, hf_log_softmax(hf_model, long), 3)
+    assert outs[1].prompt_logprobs is None and outs[1].prompt_token_ranks is None
+    check(outs[2], short, hf_log_softmax(hf_model, short), 0)

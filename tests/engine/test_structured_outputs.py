@@ -159,3 +159,20 @@ def test_preempted_sequences_keep_their_matchers(jpaged_home):
             assert_valid(c.text, SCHEMAS[name][0])
         else:
             assert c.finish_reason == "length"
+
+
+def test_allowed_token_ids_intersect_the_constraint(default_llm, caplog):
+    tok = default_llm.get_tokenizer()
+    prompt = chat(default_llm, "Is the sky blue?")
+    choice = StructuredOutputs(choice=["yes", "no"])
+
+    def answer(allowed: list[int]) -> str:
+        params = SamplingParams(temperature=0.0, max_tokens=5, structured_outputs=choice, allowed_token_ids=allowed)
+        return default_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+
+    # Each word is only reachable through its own tokens: both masks decide.
+    assert [answer(tok.encode(word) + [tok.eos_token_id]) for word in ("yes", "no")] == ["yes", "no"]
+    assert "allows none of its allowed_token_ids" not in caplog.text
+    # Disjoint: the constraint alone decides those steps (an empty mask would leave nothing to sample).
+    assert answer(tok.encode(" maybe")) in ("yes", "no")
+    assert "allows none of its allowed_token_ids" in caplog.text

@@ -83,6 +83,16 @@ class ServerProcess:
                 samples[name_labels.split("{")[0]] = float(value)
         return samples
 
+    def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
+        """metrics() once nothing runs or waits and the KV usage is 0 (or when timeout_s has passed)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self.metrics()
+            idle = m["jpaged:num_requests_running"] == 0 and m["jpaged:num_requests_waiting"] == 0
+            if (idle and m["jpaged:kv_cache_usage_perc"] == 0) or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory):

@@ -6,7 +6,6 @@ each prompt alone), so a streaming, batching or abort bug shows up as different 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import random
@@ -221,6 +220,22 @@ def _err(message: str, param=None, code=None, type_="invalid_request_error") -> 
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
                               "top_logprobs": 21}, 400,
      _err("top_logprobs must be in [0, 20] (the server's --max-logprobs), got 21", "top_logprobs")),
+    ("/v1/completions", {"prompt": "a", "prompt_logprobs": 21}, 400,
+     _err("prompt_logprobs must be in [0, 20] (the server's --max-logprobs), got 21", "prompt_logprobs")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": -1}, 400,
+     _err("prompt_logprobs must be in [0, 20] (the server's --max-logprobs), got -1", "prompt_logprobs")),
+    ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1, "stream": True}, 400,
+     _err("prompt_logprobs are not available when stream is true", "prompt_logprobs")),
+    ("/v1/responses", {"input": "a", "prompt_logprobs": 1}, 400, _err(
+        "prompt_logprobs is not supported in /v1/responses; use /v1/completions or /v1/chat/completions",
+        "prompt_logprobs")),
+    ("/v1/completions", {"prompt": "a", "allowed_token_ids": [5, 49152]}, 400, _err(
+        "allowed_token_ids must hold ids in the vocabulary: token id 49152 is out of vocabulary (the model's "
+        "vocabulary has 49152 tokens)", "allowed_token_ids")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "allowed_token_ids": []}, 400,
+     _err("allowed_token_ids must be None or a non-empty list of token ids, got []", "allowed_token_ids")),
+    ("/v1/completions", {"prompt": "a", "allowed_token_ids": [-3]}, 400,
+     _err("allowed_token_ids must hold non-negative token ids, got -3", "allowed_token_ids")),
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400,
      _err("add_generation_prompt and continue_final_message cannot both be true", "continue_final_message")),
     ("/v1/completions", {"prompt": "a", "max_tokens": 600}, 400, _err(
@@ -301,16 +316,6 @@ def test_metrics_names_and_counts(server, client):
     assert after["jpaged:kv_cache_usage_perc"] == 0 and after["jpaged:num_requests_running"] == 0
 
 
-def _wait_idle(server, timeout_s: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = server.metrics()
-        idle = m["jpaged:num_requests_running"] == 0 and m["jpaged:num_requests_waiting"] == 0
-        if (idle and m["jpaged:kv_cache_usage_perc"] == 0) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
-
-
 def test_abort_storm_frees_everything(server, client, reference):
     rng = random.Random(0)
     plan = [rng.choice([0, 0, 1, 2, 3, 5, 8, 13]) for _ in range(32)]  # chunks read before disconnecting
@@ -343,7 +348,7 @@ def test_abort_storm_frees_everything(server, client, reference):
         reads = pool.map(disconnect_after, range(len(plan)))
         gave_up = pool.map(time_out, range(len(timeouts)))
         assert list(reads) == plan and list(gave_up) == ["timed out"] * len(timeouts)
-    after = _wait_idle(server)
+    after = server.wait_idle()
     assert after["jpaged:kv_cache_usage_perc"] == 0
     assert after["jpaged:num_requests_running"] == 0 and after["jpaged:num_requests_waiting"] == 0
     num_aborted = after["jpaged:request_aborted_total"] - before.get("jpaged:request_aborted_total", 0)
@@ -449,6 +454,72 @@ def test_logit_bias_forces_and_bans(client, reference):
     assert not {int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens} & set(banned)
 
 
+def test_allowed_token_ids_extension(client, default_llm):
+    """Sampled (n > 1, several seeds) and greedy tokens stay in the set, greedy as the offline engine picks."""
+    tokenizer = default_llm.get_tokenizer()
+    allowed = sorted(set(tokenizer.encode(" the cat sat on a red mat and the dog ran away")))
+    as_ids = {"return_tokens_as_token_ids": True, "allowed_token_ids": allowed}
+
+    def ids(logprob_tokens) -> list[int]:
+        return [int(t.split(":")[1]) for t in logprob_tokens]
+
+    for seed in (1, 2):
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=seed, n=2,
+                                      logprobs=0, extra_body=as_ids)
+        assert all(set(ids(c.logprobs.tokens)) <= set(allowed) and len(c.logprobs.tokens) == 6 for c in r.choices)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                          max_tokens=6, temperature=0, logprobs=True, extra_body=as_ids)
+    got = ids(t.token for t in chat.choices[0].logprobs.content)
+    offline = default_llm.chat([{"role": "user", "content": QUESTIONS[0]}],
+                               SamplingParams(temperature=0, max_tokens=6, allowed_token_ids=allowed),
+                               use_tqdm=False)[0].outputs[0].token_ids
+    assert got == offline and set(got) <= set(allowed)
+
+
+def _prompt_entries_match(got: list, ids: list[int], offline, k: int, tokenizer) -> None:
+    """vLLM's prompt_logprobs JSON (token ids as string keys) against the offline engine's entries and ranks."""
+    assert len(got) == len(ids) and got[0] is None
+    for pos in range(1, len(ids)):
+        entry, ref, rank = got[pos], offline.prompt_logprobs[pos], offline.prompt_token_ranks[pos]
+        assert set(entry) == {str(t) for t in ref} and entry[str(ids[pos])]["rank"] == rank, pos
+        # The top k are ranks 1..k; the prompt's token is one of them or comes besides them.
+        assert sorted(v["rank"] for v in entry.values()) == list(range(1, k + 1)) + ([rank] if rank > k else [])
+        for t, v in entry.items():
+            assert v["logprob"] == pytest.approx(ref[int(t)], abs=1e-5)
+            assert v["decoded_token"] == tokenizer.decode([int(t)])
+
+
+def test_prompt_logprobs_extension(server, client, default_llm):
+    """vLLM's prompt_logprobs: in each completions choice (per prompt, n copies) and atop a chat response."""
+    tokenizer = default_llm.get_tokenizer()
+    prompts = [PROMPTS[2], PROMPTS[3]]
+    offline = default_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2),
+                                   use_tqdm=False)
+    status, _, raw = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": prompts, "max_tokens": 2,
+                                                                 "n": 2, "prompt_logprobs": 2})
+    assert status == 200, raw
+    choices = json.loads(raw)["choices"]
+    for c in choices:
+        i = c["index"] // 2
+        _prompt_entries_match(c["prompt_logprobs"], offline[i].prompt_token_ids, offline[i], 2, tokenizer)
+    # The openai client keeps the field; echo's logprobs 1 and prompt_logprobs 0 share the prompt's entries.
+    r = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=1, echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": 0})
+    ids = offline[0].prompt_token_ids
+    assert [list(e) if e else e for e in r.choices[0].prompt_logprobs] == [None] + [[str(t)] for t in ids[1:]]
+    assert r.choices[0].logprobs.token_logprobs[1 : len(ids)] == pytest.approx(
+        [e[str(t)]["logprob"] for t, e in zip(ids[1:], r.choices[0].prompt_logprobs[1:])])
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    chat_ids = default_llm.apply_chat_template(messages)
+    ref = default_llm.generate([chat_ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                               use_tqdm=False)[0]
+    status, _, raw = server.request("POST", "/v1/chat/completions", {"model": MODEL, "messages": messages,
+                                                                      "max_tokens": 1, "prompt_logprobs": 1})
+    body = json.loads(raw)
+    assert status == 200 and "prompt_logprobs" not in body["choices"][0]
+    _prompt_entries_match(body["prompt_logprobs"], chat_ids, ref, 1, tokenizer)
+
+
 def test_stop_string_kept_and_continuous_usage(client, reference):
     text = reference["completion", 0][0]
     stop = text.split()[1]  # a word the greedy text contains
@@ -542,7 +613,9 @@ def test_openapi_schema_describes_every_route_and_a_fuzz_finds_no_5xx(server, cl
             got = server.request(method.upper(), path.replace("{model}", MODEL), body)[0]
             assert got in (200, 400), (method, path, got)
     defs = schema["components"]["schemas"]
-    assert {"echo", "logit_bias", "suffix", "best_of", "seed"} <= set(defs["CompletionRequest"]["properties"])
+    extensions = {"allowed_token_ids", "prompt_logprobs", "logit_bias", "seed"}
+    assert extensions | {"echo", "suffix", "best_of"} <= set(defs["CompletionRequest"]["properties"])
+    assert extensions <= set(defs["ChatCompletionRequest"]["properties"])
     bases = {"/v1/completions": {"prompt": "a", "max_tokens": 1},
              "/v1/chat/completions": {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1},
              "/v1/responses": {"input": "a", "max_output_tokens": 1}, "/tokenize": {"prompt": "a"},
@@ -561,23 +634,10 @@ def test_openapi_schema_describes_every_route_and_a_fuzz_finds_no_5xx(server, cl
         statuses = list(pool.map(send, jobs))
     assert not [(job, s) for job, s in statuses if s >= 500]
     assert {s for _, s in statuses} <= {200, 400, 404, 413, 429}
-    idle = _wait_idle(server)
+    idle = server.wait_idle()
     assert idle["jpaged:num_requests_running"] == 0 and idle["jpaged:kv_cache_usage_perc"] == 0
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
     print(f"schema fuzz: {len(jobs)} requests, statuses {collections.Counter(s for _, s in statuses)}")
-
-
-def test_short_soak_loses_nothing(server):
-    """benchmarks.soak for a few seconds (no bursts: this server's queue is large): every request answered
-    or refused explicitly, the server idle with KV usage 0 afterwards, RSS not growing."""
-    from benchmarks.soak import KINDS, soak
-
-    report = asyncio.run(soak(server.url, server.proc.pid, duration_s=4, concurrency=4, sample_s=1,
-                              kinds=tuple(k for k in KINDS if k != "burst")))
-    print(f"soak: {report['requests']} requests, {report['outcomes']}, RSS {report['rss_start_mib']} -> "
-          f"{report['rss_end_mib']} MiB")
-    assert not report["failures"]
-    assert report["outcomes"]["ok"] > 10 and report["outcomes"]["rejected"] > 0
 
 
 def test_start_up_and_busy_log_lines(server):
