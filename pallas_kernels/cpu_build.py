@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 
 _SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cc"))
+_HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 # FFI target name -> the handler symbol that the sources export.
 TARGETS = {
     "jpaged_paged_attention_f32": "JpagedPagedAttentionF32",
@@ -68,7 +69,7 @@ def cpu_model() -> str:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in _SOURCES), " ".join(_FLAGS).encode(), compiler.encode(),
+    for part in (*(src.read_bytes() for src in (*_SOURCES, *_HEADERS)), " ".join(_FLAGS).encode(), compiler.encode(),
                  jax.ffi.include_dir().encode(), jax.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
     return cache_dir() / f"jpaged_cpu_{key.hexdigest()[:16]}.so"

@@ -6,7 +6,7 @@
 //   y  [M, N]
 //
 // XLA:CPU runs a dot with a few dozen rows (a decode step's batch) on one core through Eigen;
-// here the panels are shared by the calling thread and XLA's intra-op pool, so both cores work.
+// here the panels are shared by the calling thread and its helpers (parallel.h), so all cores work.
 // Each 8 x 32 block of y is accumulated over the whole of K in 16 registers (with AVX2 only,
 // 6 x 16 in 12) and stored once; while a thread works on a panel it prefetches the next one,
 // because at these shapes the weights stream from memory and the step is as much about
@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -138,15 +139,11 @@ void Remainder(int rows, const float* x, int64_t K, const float* panel, const fl
   }
 }
 
-// Held by shared_ptr: a pool task that starts after the caller has returned finds no chunks
-// left and touches nothing else.
 struct Shared {
   const float* x;
   const float* w;
   float* y;
-  int64_t M, K, N, panels, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t M, K, N, panels;
 };
 
 // Panels [p0, p1): all rows of y, panel after panel, prefetching the next panel of the chunk.
@@ -165,13 +162,6 @@ void RunChunk(const Shared& s, int64_t p0, int64_t p1) {
   }
 }
 
-void Drain(Shared& s) {
-  for (int64_t i; (i = s.next.fetch_add(1)) < s.chunks;) {
-    RunChunk(s, i * s.chunk, std::min(s.panels, (i + 1) * s.chunk));
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -179,8 +169,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       (yd[1] + kPanel - 1) / kPanel != wd[0]) {
     return ffi::Error::InvalidArgument("linear: x [M, K], w [ceil(N / 32), K, 32], y [M, N]");
   }
-  auto sh = std::make_shared<Shared>();
-  Shared& s = *sh;
+  Shared s;
   s.x = x.typed_data();
   s.w = w.typed_data();
   s.y = y->typed_data();
@@ -191,14 +180,10 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   if (s.M == 0 || s.N == 0) return ffi::Error::Success();
   // A few chunks per thread: enough to even out a thread that starts late, long enough that
   // the prefetch of the next panel mostly stays inside a chunk.
-  const int64_t workers = pool.num_threads() + 1;
-  s.chunk = std::max<int64_t>(1, s.panels / (4 * workers));
-  s.chunks = (s.panels + s.chunk - 1) / s.chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s.chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Drain(*sh); });
-  Drain(s);
-  // Chunks a pool thread has claimed are running now; wait for them (never for unstarted tasks).
-  while (s.done.load(std::memory_order_acquire) < s.chunks) std::this_thread::yield();
+  jpaged::Helpers& helpers = jpaged::Helpers::Get(pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(1, s.panels / (4 * (helpers.size() + 1)));
+  helpers.Run((s.panels + chunk - 1) / chunk,
+              [&](int64_t i) { RunChunk(s, i * chunk, std::min(s.panels, (i + 1) * chunk)); });
   return ffi::Error::Success();
 }
 

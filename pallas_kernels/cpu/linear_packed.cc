@@ -34,6 +34,7 @@
 #define JPAGED_X86 1
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -343,22 +344,6 @@ bool CpuHas(Isa isa) { return isa == kPortable; }
 
 using PanelFn = void (*)(const Problem&, int64_t);
 
-// Held by shared_ptr: a pool task that starts after the caller has returned finds no panels left.
-struct Work {
-  Problem s;
-  PanelFn panel;
-  int64_t panels, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Drain(Work& w) {
-  for (int64_t i; (i = w.next.fetch_add(1)) < w.chunks;) {
-    for (int64_t p = i * w.chunk; p < std::min(w.panels, (i + 1) * w.chunk); ++p) w.panel(w.s, p);
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> q,
                         ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> mins, ffi::ResultBuffer<ffi::F32> y,
                         int32_t isa, int32_t bits) {
@@ -376,8 +361,7 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   if (isa != kPortable && isa != kAvx2 && isa != kAvx512) return ffi::Error::InvalidArgument("linear_packed: bad isa");
   if (!CpuHas(static_cast<Isa>(isa))) return ffi::Error::InvalidArgument("linear_packed: this CPU lacks the isa");
-  auto work = std::make_shared<Work>();
-  Problem& s = work->s;
+  Problem s;
   s.M = xd[0];
   s.K = xd[1];
   s.N = yd[1];
@@ -392,31 +376,29 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   // The group sums of x: sum_k x[r, k] over each group, for the minimums' term (the paths that
   // dequantize a panel first do not need them).
   const bool factored = isa == kPortable || s.M < kDequantizeRows;
-  auto xsum = std::make_shared<std::vector<float>>(factored ? s.M * s.groups() : 0);
+  std::vector<float> xsum(factored ? s.M * s.groups() : 0);
   for (int64_t r = 0; factored && r < s.M; ++r) {
     for (int64_t g = 0; g < s.groups(); ++g) {
       float t = 0.f;
       for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) t += s.x[r * s.K + k];
-      (*xsum)[r * s.groups() + g] = t;
+      xsum[r * s.groups() + g] = t;
     }
   }
-  s.xsum = xsum->data();
+  s.xsum = xsum.data();
 #ifdef JPAGED_X86
   const PanelFn avx2 = s.bits == 4 ? PanelAvx2<4> : PanelAvx2<8>;
   const PanelFn avx512 = s.bits == 4 ? PanelAvx512<4> : PanelAvx512<8>;
-  work->panel = isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : PanelPortable;
+  const PanelFn panel = isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : PanelPortable;
 #else
-  work->panel = PanelPortable;
+  const PanelFn panel = PanelPortable;
 #endif
-  work->panels = qd[0];
-  const int64_t workers = pool.num_threads() + 1;
-  work->chunk = std::max<int64_t>(1, work->panels / (4 * workers));
-  work->chunks = (work->panels + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, xsum] { Drain(*work); });
-  Drain(*work);
-  // Chunks a pool thread has claimed are running now; wait for them (never for unstarted tasks).
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const int64_t panels = qd[0];
+  jpaged::Helpers& helpers = jpaged::Helpers::Get(pool.num_threads());
+  // A few chunks per thread, so that one that starts late evens out.
+  const int64_t chunk = std::max<int64_t>(1, panels / (4 * (helpers.size() + 1)));
+  helpers.Run((panels + chunk - 1) / chunk, [&](int64_t i) {
+    for (int64_t p = i * chunk; p < std::min(panels, (i + 1) * chunk); ++p) panel(s, p);
+  });
   return ffi::Error::Success();
 }
 

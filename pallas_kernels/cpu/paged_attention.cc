@@ -11,7 +11,7 @@
 // XLA's gathers and reductions move KV at ~5 GB/s on a 2-core CPU; this kernel reads each K/V
 // row once per (sequence, query tile) through the block table, straight from the pool. Work
 // items (sequence, tile of up to kTileTokens tokens, all heads) are shared by the calling thread
-// and XLA's intra-op pool. Per block of kBlock KV positions: scores (dots for decode tiles, rank-1
+// and its helpers (parallel.h). Per block of kBlock KV positions: scores (dots for decode tiles, rank-1
 // updates over a transposed copy of K for prefill tiles), one online-softmax rescale, P @ V.
 
 #include <algorithm>
@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -282,26 +283,13 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   }
 }
 
-// Work shared between the caller and pool threads. Held by shared_ptr: a pool task that starts
-// after the caller has returned finds no items left and touches nothing else.
-struct Shared {
-  Problem pb;
-  std::vector<Item> items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Drain(Shared& sh) {
+void RunOne(const Problem& pb, const Item& item) {
   thread_local Scratch scratch;
-  scratch.Resize(kTileTokens * sh.pb.num_heads, sh.pb.num_kv_heads, sh.pb.head_dim);
-  const int64_t total = static_cast<int64_t>(sh.items.size());
-  for (int64_t i; (i = sh.next.fetch_add(1)) < total;) {
-    switch (sh.pb.head_dim) {
-      case 64: RunItem<64>(sh.pb, sh.items[i], scratch); break;
-      case 128: RunItem<128>(sh.pb, sh.items[i], scratch); break;
-      default: RunItem<0>(sh.pb, sh.items[i], scratch);
-    }
-    sh.done.fetch_add(1, std::memory_order_release);
+  scratch.Resize(kTileTokens * pb.num_heads, pb.num_kv_heads, pb.head_dim);
+  switch (pb.head_dim) {
+    case 64: RunItem<64>(pb, item, scratch); break;
+    case 128: RunItem<128>(pb, item, scratch); break;
+    default: RunItem<0>(pb, item, scratch);
   }
 }
 
@@ -316,28 +304,21 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   if (kv_lens.element_count() != td[0] || cu_q_lens.element_count() != td[0] + 1) {
     return ffi::Error::InvalidArgument("paged attention: kv_lens [S] and cu_q_lens [S + 1] must match block_tables [S, P]");
   }
-  auto sh = std::make_shared<Shared>();
-  Problem& pb = sh->pb;
-  pb = Problem{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), block_tables.typed_data(),
+  const Problem pb{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), block_tables.typed_data(),
                kv_lens.typed_data(), cu_q_lens.typed_data(), out->typed_data(),
                kd[0], kd[1], kd[2], kd[3], qd[1], qd[1] / kd[2], td[0], td[1], scale, sliding_window};
   const int64_t num_tokens = qd[0];
+  std::vector<Item> items;
   std::memset(pb.out, 0, num_tokens * pb.num_heads * pb.head_dim * sizeof(float));
   for (int32_t s = 0; s < pb.num_seqs; ++s) {
     const int32_t first = pb.cu_q_lens[s], last = std::min<int64_t>(pb.cu_q_lens[s + 1], num_tokens);
     if (last - first <= 0 || pb.kv_lens[s] < last - first) continue;  // padding sequence
     for (int32_t t = first; t < last; t += kTileTokens) {
-      sh->items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t)});
+      items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t)});
     }
   }
-  const int64_t total = static_cast<int64_t>(sh->items.size());
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([sh] { Drain(*sh); });
-  }
-  Drain(*sh);
-  // Items a pool thread has claimed are running now; wait for them (never for unstarted tasks).
-  while (sh->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  jpaged::Helpers::Get(pool.num_threads()).Run(static_cast<int64_t>(items.size()),
+                                               [&](int64_t i) { RunOne(pb, items[i]); });
   return ffi::Error::Success();
 }
 

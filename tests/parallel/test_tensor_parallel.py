@@ -1,4 +1,4 @@
-"""Tensor parallelism end to end: N = 2 and 4 devices against N = 1 of the same model.
+"""Tensor parallelism end to end: N = 4 devices against N = 1 of the same model.
 
 Each architecture runs once in a child with 4 host devices (tests/parallel/tp_job.py says why
 a child); the assertions here compare its N > 1 engines with its N = 1 engine: greedy tokens
@@ -17,7 +17,10 @@ from jpaged.models.config import ModelConfig
 from tests.conftest import TINY_MODELS
 from tests.parallel.tp_job import run_job
 
-TPS = [1, 2, 4]
+# N = 4 only: with these models' 1, 2 and 4 KV heads it repeats each KV head 4 times, repeats
+# each twice, and splits them, the cases N = 2 has and more (N = 2 cost the suite a minute of
+# compiles; tests/parallel/test_multihost.py and the default model below run N = 3).
+TPS = [1, 4]
 # Every architecture, and between them every feature the split touches: KV heads repeated
 # (1 KV head < N) and split (4 KV heads), tied and untied embeddings, q/k/v and MLP biases, a
 # sliding window, q/k norms and a head_dim of its own. (The plain llama and mistral variants add
@@ -29,7 +32,7 @@ assert set(MODELS) <= set(TINY_MODELS)
 
 @pytest.fixture(scope="module")
 def all_runs(tiny_models, tmp_path_factory):
-    """{model: {N: that engine's report}}, N = 1, 2, 4, every model in one child."""
+    """{model: {N: that engine's report}}, N = 1 and 4, every model in one child."""
     models = {name: str(tiny_models[name][2]) for name in MODELS}
     return run_job("tiny_all", {"models": models, "tps": TPS, "xla_attention": XLA_ATTENTION}, num_devices=4,
                    tmp_path=tmp_path_factory.mktemp("tp"))
@@ -41,7 +44,7 @@ def runs(request, all_runs):
     return request.param, all_runs[request.param]
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_greedy_tokens_equal_one_device(runs, tp):
     name, r = runs
     one, many = r[1], r[tp]
@@ -52,7 +55,7 @@ def test_greedy_tokens_equal_one_device(runs, tp):
     assert many["preempt_tokens"] == one["preempt_tokens"]
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_seeded_sampling_and_logprobs_do_not_depend_on_n(runs, tp):
     _, r = runs
     one, many = r[1], r[tp]
@@ -63,7 +66,7 @@ def test_seeded_sampling_and_logprobs_do_not_depend_on_n(runs, tp):
             np.testing.assert_allclose([step_many[t] for t in step_one], list(step_one.values()), atol=1e-4)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_logits_match_one_device(runs, tp):
     _, r = runs
     ref, ours = r[1]["logits"], r[tp]["logits"]
@@ -73,12 +76,12 @@ def test_logits_match_one_device(runs, tp):
     assert np.abs(ref).max() > 0.1, "logits of a model that does something"
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_full_warmup_leaves_nothing_to_compile(runs, tp):
     assert runs[1][tp]["compiles_after_warmup"] == 0
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_kv_pool_per_device_is_its_share(runs, tp):
     name, r = runs
     one, many = r[1]["kv"], r[tp]["kv"]
@@ -93,7 +96,7 @@ def test_kv_pool_per_device_is_its_share(runs, tp):
         assert many["bytes_per_device"] * tp == one["bytes_per_device"], f"{name}: exactly 1/N of N = 1"
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_parameters_placed_by_the_table(runs, tp):
     _, r = runs
     specs = r[tp]["param_specs"]
@@ -106,7 +109,7 @@ def test_parameters_placed_by_the_table(runs, tp):
             assert spec == (), name
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])
 def test_step_collectives(runs, tp):
     """Per layer exactly two all-reduces (after o_proj and after down_proj), plus one for the
     vocabulary-split embedding lookup; nothing gathered in the forward step (the logits stay
