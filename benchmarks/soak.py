@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     for failure in report["failures"]:
         print(f"FAIL: {failure}")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(report, indent=1))
+        from benchmarks.throughput import device_info  # imports jax: only for the file
+
+        run = dict(duration_s=args.duration, concurrency=args.concurrency, seed=args.seed, url=args.url)
+        Path(args.output_json).write_text(json.dumps(dict(meta=device_info(), run=run, **report), indent=1))
     return 1 if report["failures"] else 0
 
 

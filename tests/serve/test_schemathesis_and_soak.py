@@ -32,7 +32,7 @@ HERE = Path(__file__).parent
 SERVER_ARGS = ["--max-model-len", "512", "--max-num-batched-tokens", "128", "--max-num-seqs", "8",
                "--max-queued-requests", "16"]
 MAX_EXAMPLES = 20  # fuzzing cases per operation; with the coverage phase's, ~1,100 requests in ~15 s
-SOAK_S = 20  # 20 RSS samples, a second apart: the growth rule compares quarters of five
+SOAK_S = 40  # 40 RSS samples, a second apart: the growth rule compares quarters of ten
 
 
 @pytest.fixture(scope="module")
