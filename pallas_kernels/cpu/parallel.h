@@ -73,7 +73,7 @@ class Helpers {
 
  private:
   // How long a helper spins for the next call before it sleeps.
-  static constexpr std::chrono::microseconds kSpin{300};
+  static constexpr std::chrono::microseconds kSpin{100};
 
   struct Work {
     int64_t tasks = 0;
