@@ -83,6 +83,12 @@ class Linear(nnx.Module):
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+def fused_widths(config: ModelConfig) -> dict[str, list[int]]:
+    """Output widths of each fused projection's parts, in FUSED's order."""
+    n, k, h, f = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    return {"qkv_proj": [n * h, k * h, k * h], "gate_up_proj": [f, f]}
+
+
 def fuses(linear: str, widths: list[int], formats: list[PackedFormat | None]) -> bool:
     """Whether projections of one input run as one kernel call, their columns side by side.
 
@@ -137,7 +143,7 @@ class Attention(nnx.Module):
             return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs, backend=linear,
                           packed=quant.get(prefix + name))
 
-        widths = [n * h, k * h, k * h]
+        widths = fused_widths(config)["qkv_proj"]
         # Each attribute assigned once: NNX fixes an attribute first set to None as static.
         if fuses(linear, widths, [quant.get(prefix + name) for name in FUSED["qkv_proj"]]):
             self.qkv_proj = Linear(d, sum(widths), bias=config.qkv_bias, dtype=dtype, rngs=rngs, backend=linear,
@@ -191,7 +197,8 @@ class MLP(nnx.Module):
             return Linear(in_dim, out_dim, bias=b, dtype=dtype, rngs=rngs, backend=linear,
                           packed=quant.get(prefix + name))
 
-        if fuses(linear, [f, f], [quant.get(prefix + name) for name in FUSED["gate_up_proj"]]):
+        parts = [quant.get(prefix + name) for name in FUSED["gate_up_proj"]]
+        if fuses(linear, fused_widths(config)["gate_up_proj"], parts):
             self.gate_up_proj = Linear(d, 2 * f, bias=b, dtype=dtype, rngs=rngs, backend=linear,
                                        packed=quant.get(prefix + "gate_proj"))
             self.gate_proj = self.up_proj = None

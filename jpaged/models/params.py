@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jpaged.models.config import ModelConfig
-from jpaged.models.llama import FUSED, CausalLM, fuses
+from jpaged.models.llama import FUSED, CausalLM, fused_widths, fuses
 from jpaged.models.packed import LEAVES, Quantization
 from pallas_kernels.cpu_linear import pack_columns
 from pallas_kernels.cpu_linear_packed import pack_panels
@@ -76,8 +76,7 @@ def _pack_for_cpu(config: ModelConfig, params: ParamTree, quant: Quantization) -
 
 def _fuse_panels(config: ModelConfig, flat: dict[str, Any], quant: Quantization) -> dict[str, Any]:
     """Concatenates the panels (and biases) of the projections the model fuses (llama.fuses)."""
-    n, k, h, f = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
-    widths = {"qkv_proj": [n * h, k * h, k * h], "gate_up_proj": [f, f]}
+    widths = fused_widths(config)
     for i in range(config.num_layers):
         for block, fused in (("attn", "qkv_proj"), ("mlp", "gate_up_proj")):
             parts = [f"layers.{i}.{block}.{name}" for name in FUSED[fused]]
