@@ -36,7 +36,7 @@ def supported_isas() -> list[str]:
     """The kernel's code paths this CPU can run, best last."""
     flags = _cpu_flags()
     isas = ["portable"]
-    if {"avx2", "fma"} <= flags:
+    if {"avx2", "fma", "f16c"} <= flags:
         isas.append("avx2")
     if {"avx512f", "avx512bw", "avx512vl"} <= flags:
         isas.append("avx512")
@@ -71,9 +71,25 @@ def pack_panels(qweight: jax.Array, scales: jax.Array, mins: jax.Array, bits: in
     return words, per_group(scales), per_group(mins)
 
 
+def narrow_panels(scales: jax.Array, mins: jax.Array, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """pack_panels' float32 scales and mins [P, K/G, 32] in the fewest bytes that hold them exactly:
+    float16 where every value survives the round trip (GGUF's Q4_0/Q4_1/Q5_x/Q8_0 store float16;
+    K-quants' folded scales and AWQ/GPTQ's minimums need float32), and mins dropped ([P, 0, 32])
+    where they are all -2**(bits-1) * scale (symmetric formats: Q4_0, Q8_0, int8 RTN, symmetric
+    GPTQ), which the kernel computes exactly. At decode the kernel is bound by the bytes it
+    reads: this takes a 4-bit weight from 0.75 bytes to 0.625 and Q8_0 from 1.25 to 1.06."""
+    scales, mins = np.asarray(scales), np.asarray(mins)
+    if np.array_equal(mins, np.float32(-(2 ** (bits - 1))) * scales):
+        mins = mins[:, :0]
+    with np.errstate(over="ignore"):
+        half = all(np.array_equal(t.astype(np.float16).astype(np.float32), t) for t in (scales, mins))
+    return (scales.astype(np.float16), mins.astype(np.float16)) if half else (scales, mins)
+
+
 def linear_cpu_packed(x: jax.Array, q: jax.Array, scales: jax.Array, mins: jax.Array, fmt, n: int,
                       *, isa: str | None = None) -> jax.Array:
-    """x [..., K] @ w [K, n], w given as pack_panels' (q, scales, mins) -> [..., n] float32.
+    """x [..., K] @ w [K, n], w given as pack_panels' (q, scales, mins), narrowed or not by
+    narrow_panels -> [..., n] float32.
 
     isa: "portable", "avx2" or "avx512"; None picks the best this CPU has.
     """
@@ -85,9 +101,12 @@ def linear_cpu_packed(x: jax.Array, q: jax.Array, scales: jax.Array, mins: jax.A
         raise TypeError(f"the CPU packed linear kernel takes float32 activations, not {x.dtype}")
     k = x.shape[-1]
     panels = -(-n // PANEL)
-    if q.shape != (panels, k * fmt.bits // 32, PANEL) or scales.shape != (panels, k // fmt.group_size, PANEL) or mins.shape != scales.shape:
+    groups = (panels, k // fmt.group_size, PANEL)
+    if q.shape != (panels, k * fmt.bits // 32, PANEL) or scales.shape != groups or mins.shape not in (groups, (panels, 0, PANEL)):
         raise ValueError(f"packed panels q {q.shape}, scales {scales.shape}, mins {mins.shape} do not fit "
                          f"x {x.shape}, n={n} and {fmt}")
+    if scales.dtype not in (jnp.float32, jnp.float16) or mins.dtype != scales.dtype:
+        raise TypeError(f"packed panels' scales and mins must both be float32 or float16, not {scales.dtype} and {mins.dtype}")
     rows = x.reshape(-1, k)
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
         rows, q, scales, mins, isa=np.int32(ISAS[isa]), bits=np.int32(fmt.bits))

@@ -18,7 +18,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.llama import FUSED, CausalLM, fused_widths, fuses
 from jpaged.models.packed import LEAVES, Quantization
 from pallas_kernels.cpu_linear import pack_columns
-from pallas_kernels.cpu_linear_packed import pack_panels
+from pallas_kernels.cpu_linear_packed import narrow_panels, pack_panels
 
 ParamTree = dict[str, Any]
 
@@ -71,21 +71,30 @@ def _pack_for_cpu(config: ModelConfig, params: ParamTree, quant: Quantization) -
     for module, fmt in modules.items():
         packed = panels[fmt.bits](*(flat[f"{module}.{leaf}"] for leaf in LEAVES))
         out.update({f"{module}.{leaf}": x for leaf, x in zip(LEAVES, packed)})
-    return unflatten(_fuse_panels(config, out, quant))
+    out, modules = _fuse_panels(config, out, modules)
+    for module, fmt in modules.items():
+        out[f"{module}.scales"], out[f"{module}.mins"] = map(jnp.asarray, narrow_panels(
+            out[f"{module}.scales"], out[f"{module}.mins"], fmt.bits))
+    return unflatten(out)
 
 
-def _fuse_panels(config: ModelConfig, flat: dict[str, Any], quant: Quantization) -> dict[str, Any]:
-    """Concatenates the panels (and biases) of the projections the model fuses (llama.fuses)."""
+def _fuse_panels(config: ModelConfig, flat: dict[str, Any],
+                 modules: Quantization) -> tuple[dict[str, Any], Quantization]:
+    """Concatenates the panels (and biases) of the projections the model fuses (llama.fuses).
+    Returns them and `modules` (packed module -> format) with the fused names for their parts."""
     widths = fused_widths(config)
+    modules = dict(modules)
     for i in range(config.num_layers):
         for block, fused in (("attn", "qkv_proj"), ("mlp", "gate_up_proj")):
             parts = [f"layers.{i}.{block}.{name}" for name in FUSED[fused]]
-            if not fuses("cpu", widths[fused], [quant.get(p) for p in parts]):
+            if not fuses("cpu", widths[fused], [modules.get(p) for p in parts]):
                 continue
             for leaf in {name.rsplit(".", 1)[1] for name in flat if name.startswith(parts[0] + ".")}:
                 # Panels [P, ...] and biases [N] both join along their first axis.
                 flat[f"layers.{i}.{block}.{fused}.{leaf}"] = jnp.concatenate([flat.pop(f"{p}.{leaf}") for p in parts])
-    return flat
+            if parts[0] in modules:
+                modules[f"layers.{i}.{block}.{fused}"] = [modules.pop(p) for p in parts][0]
+    return flat, modules
 
 
 def flatten(tree: ParamTree, prefix: str = "") -> dict[str, Any]:

@@ -4,11 +4,18 @@
 //   x       [M, K]            float32 activations, row-major
 //   q       [P, K * bits / 32, 32] uint32: word [o, c] holds column c's integers for k = o * per + i,
 //                             i < per = 32 / bits, the i-th in bits [bits * i, bits * (i + 1))
-//   scales  [P, K / G, 32]    float32, a panel's 32 columns of one group contiguous
-//   mins    [P, K / G, 32]
+//   scales  [P, K / G, 32]    float32 or float16, a panel's 32 columns of one group contiguous
+//   mins    [P, K / G, 32]    the scales' type; or [P, 0, 32] for a symmetric format, whose
+//                             minimums are -2^(bits-1) * scale
 //   y       [M, N]            P = ceil(N / 32); columns past N have zero scale and minimum
 //
-// w[k, c] = scale[g, c] * q[k, c] + min[g, c] with g = k / G. Below kDequantizeRows rows, per group
+// w[k, c] = scale[g, c] * q[k, c] + min[g, c] with g = k / G. float16 scales and minimums (GGUF's
+// own, where they are exact: Q4_1's are float16, K-quants' folded ones are not) and dropped
+// symmetric minimums read less memory: a 4-bit weight is 0.625 bytes instead of 0.75, an 8-bit
+// symmetric one 1.06 instead of 1.25: at decode, memory is one of the kernel's two limits (the
+// unpacking instructions are the other).
+//
+// Below kDequantizeRows rows, per group
 //   y[r, c] += scale[g, c] * sum_k x[r, k] q[k, c]  +  min[g, c] * sum_k x[r, k]
 // where the inner sum multiplies x by the integers converted to float (exact), one FMA a weight
 // and row, and the group sums of x are computed once per call. At decode (M = 1) the weights
@@ -50,13 +57,46 @@ constexpr int64_t kDequantizeRows = 16;
 struct Problem {
   const float* x;
   const uint32_t* q;
-  const float* scales;
-  const float* mins;
-  const float* xsum;  // [M, K / G]
+  const void* scales;  // float or float16 (half)
+  const void* mins;    // the scales' type; nullptr: -offset * scale
+  const float* xsum;   // [M, K / G]
   float* y;
   int64_t M, K, N, G, bits;
+  bool half;
+  float offset;  // 2^(bits-1) when mins is nullptr
   int64_t groups() const { return K / G; }
+  // Element index of panel p, group g, column c in scales/mins.
+  int64_t at(int64_t p, int64_t g, int64_t c) const { return (p * groups() + g) * kPanel + c; }
 };
+
+// IEEE half -> float, exact (normals, subnormals, infinities, NaN).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { ++e; man <<= 1; } while ((man & 0x400) == 0);
+    bits = sign | ((112 - e) << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float ScaleAt(const Problem& s, int64_t i) {
+  return s.half ? HalfToFloat(static_cast<const uint16_t*>(s.scales)[i]) : static_cast<const float*>(s.scales)[i];
+}
+
+inline float MinAt(const Problem& s, int64_t i) {
+  if (s.mins == nullptr) return -s.offset * ScaleAt(s, i);
+  return s.half ? HalfToFloat(static_cast<const uint16_t*>(s.mins)[i]) : static_cast<const float*>(s.mins)[i];
+}
 
 // ---- portable ------------------------------------------------------------------------------
 
@@ -69,8 +109,6 @@ void PanelPortable(const Problem& s, int64_t p) {
   const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel));
   const int per = static_cast<int>(32 / s.bits);  // integers a word
   const uint32_t* q = s.q + p * (s.K / per) * kPanel;
-  const float* sc = s.scales + p * s.groups() * kPanel;
-  const float* mn = s.mins + p * s.groups() * kPanel;
   for (int64_t r = 0; r < s.M; ++r) {
     float out[kPanel] = {};
     const float* x = s.x + r * s.K;
@@ -82,7 +120,7 @@ void PanelPortable(const Problem& s, int64_t p) {
         }
       }
       const float xs = s.xsum[r * s.groups() + g];
-      for (int c = 0; c < kPanel; ++c) out[c] += sc[g * kPanel + c] * acc[c] + mn[g * kPanel + c] * xs;
+      for (int c = 0; c < kPanel; ++c) out[c] += ScaleAt(s, s.at(p, g, c)) * acc[c] + MinAt(s, s.at(p, g, c)) * xs;
     }
     std::memcpy(s.y + r * s.N + p * kPanel, out, cols * sizeof(float));
   }
@@ -91,18 +129,31 @@ void PanelPortable(const Problem& s, int64_t p) {
 #ifdef JPAGED_X86
 // ---- AVX2 / FMA ----------------------------------------------------------------------------
 
+// F16C converts float16 scales; every AVX2 CPU has it.
+#define JPAGED_AVX2 "avx2,fma,f16c"
+
+// Eight scales and minimums from element i of scales/mins (Problem::at).
+__attribute__((target(JPAGED_AVX2))) inline __m256 LoadAvx2(const Problem& s, const void* base, int64_t i) {
+  if (s.half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+}
+
+__attribute__((target(JPAGED_AVX2))) inline void ScaleMinAvx2(const Problem& s, int64_t i, __m256* scale, __m256* low) {
+  *scale = LoadAvx2(s, s.scales, i);
+  // -offset * scale is exact (a power of two), so a symmetric format computes as with its minimums.
+  *low = s.mins != nullptr ? LoadAvx2(s, s.mins, i) : _mm256_mul_ps(*scale, _mm256_set1_ps(-s.offset));
+}
+
 // Rows [r0, r0 + R) against columns [8 v0, 8 (v0 + V)) of panel p: R * V accumulators. Each
 // 32-bit lane holds one column's integers for kPer consecutive k, so unpacking is a shift, a
 // mask and a convert inside the lane: no shuffles, which Zen 3 issues on fewer ports.
 // V = 4 (the whole panel, one pass over q) for one row, where q streams from memory; V = 2
 // leaves registers for 4 rows once the panel is in cache.
 template <int R, int V, int kBits>
-__attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, int64_t r0, int v0) {
+__attribute__((target(JPAGED_AVX2))) void TileAvx2(const Problem& s, int64_t p, int64_t r0, int v0) {
   constexpr int kPer = 32 / kBits;
   constexpr uint32_t kMask = (1u << kBits) - 1;
   const uint32_t* q = s.q + p * (s.K / kPer) * kPanel + 8 * v0;
-  const float* sc = s.scales + p * s.groups() * kPanel + 8 * v0;
-  const float* mn = s.mins + p * s.groups() * kPanel + 8 * v0;
   const float* x = s.x + r0 * s.K;
   const __m256i mask = _mm256_set1_epi32(kMask);
   __m256 out[R][V];
@@ -139,8 +190,8 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, i
     }
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      const __m256 scale = _mm256_loadu_ps(sc + g * kPanel + 8 * v);
-      const __m256 low = _mm256_loadu_ps(mn + g * kPanel + 8 * v);
+      __m256 scale, low;
+      ScaleMinAvx2(s, s.at(p, g, 8 * (v0 + v)), &scale, &low);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 xs = _mm256_set1_ps(s.xsum[(r0 + r) * s.groups() + g]);
@@ -161,7 +212,7 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Problem& s, int64_t p, i
 }
 
 template <int R, int kBits>
-__attribute__((target("avx2,fma"))) void RowsAvx2(const Problem& s, int64_t p, int64_t r0) {
+__attribute__((target(JPAGED_AVX2))) void RowsAvx2(const Problem& s, int64_t p, int64_t r0) {
   if constexpr (R == 1) {
     TileAvx2<1, 4, kBits>(s, p, r0, 0);
   } else {
@@ -173,19 +224,17 @@ __attribute__((target("avx2,fma"))) void RowsAvx2(const Problem& s, int64_t p, i
 // Many rows (prefill): unpacking per 4-row tile would repeat M / 4 times per panel, so the panel
 // is dequantized once into a float [K, 32] buffer (L2-resident) and multiplied like float weights.
 template <int kBits>
-__attribute__((target("avx2,fma"))) void DequantizePanelAvx2(const Problem& s, int64_t p, float* buf) {
+__attribute__((target(JPAGED_AVX2))) void DequantizePanelAvx2(const Problem& s, int64_t p, float* buf) {
   constexpr int kPer = 32 / kBits;
   const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
-  const float* sc = s.scales + p * s.groups() * kPanel;
-  const float* mn = s.mins + p * s.groups() * kPanel;
   const __m256i mask = _mm256_set1_epi32((1u << kBits) - 1);
   for (int64_t o = 0; o < s.K / kPer; ++o) {
     const int64_t g = o * kPer / s.G;
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) {
       const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + o * kPanel + 8 * v));
-      const __m256 scale = _mm256_loadu_ps(sc + g * kPanel + 8 * v);
-      const __m256 low = _mm256_loadu_ps(mn + g * kPanel + 8 * v);
+      __m256 scale, low;
+      ScaleMinAvx2(s, s.at(p, g, 8 * v), &scale, &low);
 #pragma GCC unroll 8
       for (int i = 0; i < kPer; ++i) {
         const __m256 w = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, kBits * i), mask));
@@ -197,7 +246,7 @@ __attribute__((target("avx2,fma"))) void DequantizePanelAvx2(const Problem& s, i
 
 // y[r0 + r, 16 h .. 16 h + 16) for r < R over a float panel [K, 32]: 2R accumulators.
 template <int R>
-__attribute__((target("avx2,fma"))) void FloatTileAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0,
+__attribute__((target(JPAGED_AVX2))) void FloatTileAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0,
                                                       int h) {
   __m256 acc[R][2];
 #pragma GCC unroll 8
@@ -226,14 +275,14 @@ __attribute__((target("avx2,fma"))) void FloatTileAvx2(const Problem& s, const f
 }
 
 template <int R>
-__attribute__((target("avx2,fma"))) void FloatRowsAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0) {
+__attribute__((target(JPAGED_AVX2))) void FloatRowsAvx2(const Problem& s, const float* buf, int64_t p, int64_t r0) {
   FloatTileAvx2<R>(s, buf, p, r0, 0);
   if (s.N - p * kPanel > 16) FloatTileAvx2<R>(s, buf, p, r0, 1);
 }
 
 
 template <int kBits>
-__attribute__((target("avx2,fma"))) void PanelAvx2(const Problem& s, int64_t p) {
+__attribute__((target(JPAGED_AVX2))) void PanelAvx2(const Problem& s, int64_t p) {
   int64_t r = 0;
   if (s.M >= kDequantizeRows) {
     thread_local std::vector<float> buf;
@@ -261,15 +310,18 @@ __attribute__((target("avx2,fma"))) void PanelAvx2(const Problem& s, int64_t p) 
 
 // ---- AVX-512 -------------------------------------------------------------------------------
 
-#define JPAGED_AVX512 "avx512f,avx512bw,avx512vl,avx2,fma"
+#define JPAGED_AVX512 "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
+
+__attribute__((target(JPAGED_AVX512))) inline __m512 LoadAvx512(const Problem& s, const void* base, int64_t i) {
+  if (s.half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i)));
+  return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+}
 
 // The AVX2 tile with 16 lanes: the panel's 32 columns in two zmm, up to 6 rows.
 template <int R, int kBits>
 __attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t p, int64_t r0) {
   constexpr int kPer = 32 / kBits;
   const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
-  const float* sc = s.scales + p * s.groups() * kPanel;
-  const float* mn = s.mins + p * s.groups() * kPanel;
   const float* x = s.x + r0 * s.K;
   const __m512i mask = _mm512_set1_epi32((1u << kBits) - 1);
   __m512 out[R][2];
@@ -296,8 +348,9 @@ __attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t
     }
 #pragma GCC unroll 2
     for (int v = 0; v < 2; ++v) {
-      const __m512 scale = _mm512_loadu_ps(sc + g * kPanel + 16 * v);
-      const __m512 low = _mm512_loadu_ps(mn + g * kPanel + 16 * v);
+      const __m512 scale = LoadAvx512(s, s.scales, s.at(p, g, 16 * v));
+      const __m512 low = s.mins != nullptr ? LoadAvx512(s, s.mins, s.at(p, g, 16 * v))
+                                           : _mm512_mul_ps(scale, _mm512_set1_ps(-s.offset));
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m512 xs = _mm512_set1_ps(s.xsum[(r0 + r) * s.groups() + g]);
@@ -335,7 +388,9 @@ bool CpuHas(Isa isa) {
   __builtin_cpu_init();
   if (isa == kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
-  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kAvx2) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
   return true;
 }
 #else
@@ -345,19 +400,23 @@ bool CpuHas(Isa isa) { return isa == kPortable; }
 using PanelFn = void (*)(const Problem&, int64_t);
 
 ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> q,
-                        ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> mins, ffi::ResultBuffer<ffi::F32> y,
-                        int32_t isa, int32_t bits) {
-  auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions(), yd = y->dimensions();
+                        ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
+                        int32_t bits) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions(), md = mins.dimensions(),
+       yd = y->dimensions();
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("linear_packed: bits must be 4 or 8");
   const int64_t per = 32 / bits;
   if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
       qd[1] * per != xd[1] || qd[2] != kPanel || sd[0] != qd[0] || sd[2] != kPanel || sd[1] == 0 ||
-      (xd[1] / sd[1]) % per != 0 ||
-      xd[1] % sd[1] != 0 || mins.dimensions().size() != 3 || mins.dimensions()[1] != sd[1] ||
-      mins.dimensions()[0] != sd[0] || mins.dimensions()[2] != sd[2] || (yd[1] + kPanel - 1) / kPanel != qd[0]) {
+      (xd[1] / sd[1]) % per != 0 || xd[1] % sd[1] != 0 || md.size() != 3 || (md[1] != sd[1] && md[1] != 0) ||
+      md[0] != sd[0] || md[2] != sd[2] || (yd[1] + kPanel - 1) / kPanel != qd[0]) {
     return ffi::Error::InvalidArgument(
-        "linear_packed: x [M, K], q [ceil(N / 32), K * bits / 32, 32], scales and mins [ceil(N / 32), K / G, 32], "
-        "y [M, N]");
+        "linear_packed: x [M, K], q [ceil(N / 32), K * bits / 32, 32], scales [ceil(N / 32), K / G, 32], "
+        "mins like scales or [ceil(N / 32), 0, 32], y [M, N]");
+  }
+  const ffi::DataType dtype = scales.element_type();
+  if ((dtype != ffi::DataType::F32 && dtype != ffi::DataType::F16) || mins.element_type() != dtype) {
+    return ffi::Error::InvalidArgument("linear_packed: scales and mins must both be float32 or both float16");
   }
   if (isa != kPortable && isa != kAvx2 && isa != kAvx512) return ffi::Error::InvalidArgument("linear_packed: bad isa");
   if (!CpuHas(static_cast<Isa>(isa))) return ffi::Error::InvalidArgument("linear_packed: this CPU lacks the isa");
@@ -369,8 +428,10 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   s.bits = bits;
   s.x = x.typed_data();
   s.q = q.typed_data();
-  s.scales = scales.typed_data();
-  s.mins = mins.typed_data();
+  s.scales = scales.untyped_data();
+  s.mins = md[1] == 0 ? nullptr : mins.untyped_data();
+  s.half = dtype == ffi::DataType::F16;
+  s.offset = static_cast<float>(1 << (bits - 1));
   s.y = y->typed_data();
   if (s.M == 0 || s.N == 0) return ffi::Error::Success();
   // The group sums of x: sum_k x[r, k] over each group, for the minimums' term (the paths that
@@ -409,8 +470,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearPackedF32, LinearPacked,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("bits"));
