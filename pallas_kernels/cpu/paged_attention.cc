@@ -71,14 +71,16 @@ struct Problem {
   int64_t window;  // 0 = no sliding window
 };
 
+// A sequence's tile of tokens and a range of its KV heads (all of them, except for decode
+// tiles when there are fewer tiles than threads: one sequence alone would use one core).
 struct Item {
-  int32_t seq, first_token, num_tokens;
+  int32_t seq, first_token, num_tokens, kv_begin, kv_end;
 };
 
 // Scratch per thread, sized for the largest tile.
 struct Scratch {
   std::vector<float> qs, kt, s, m, l, acc;
-  std::vector<int32_t> pos, lo;
+  std::vector<int32_t> pos, lo, head;
   void Resize(int64_t rows, int64_t kv_heads, int64_t head_dim) {
     qs.resize(rows * head_dim);
     kt.resize(kv_heads * head_dim * kBlock);
@@ -88,6 +90,7 @@ struct Scratch {
     acc.resize(rows * head_dim);
     pos.resize(rows);
     lo.resize(rows);
+    head.resize(rows);
   }
 };
 
@@ -123,6 +126,19 @@ inline void ScoreRow(const float* q, const float* kt, int64_t H, float* s) {
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// op over a vector's 8 lanes (op: _mm_add_ps or _mm_max_ps, wrapped).
+template <typename Op>
+inline float Horizontal(__m256 a, Op op) {
+  __m128 h = op(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = op(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(op(h, _mm_movehdup_ps(h)));
+}
+inline float HorizontalSum(__m256 a) {
+  return Horizontal(a, [](__m128 x, __m128 y) { return _mm_add_ps(x, y); });
+}
+#endif
+
 // max(init, s[0], ..., s[kBlock - 1]); std::max over a loop stays scalar (NaN rules), a chain
 // of dependent vmaxss that took a quarter of the prefill time.
 inline float BlockMax(const float* s, float init) {
@@ -133,14 +149,27 @@ inline float BlockMax(const float* s, float init) {
 #elif defined(__AVX2__) && defined(__FMA__)
   __m256 m = _mm256_max_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8));
   for (int i = 16; i < kBlock; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  return std::max(init, _mm_cvtss_f32(h));
+  return std::max(init, Horizontal(m, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }));
 #else
   float part[8] = {init, init, init, init, init, init, init, init};  // independent chains
   for (int jj = 0; jj < kBlock; ++jj) part[jj % 8] = std::max(part[jj % 8], s[jj]);
   return *std::max_element(part, part + 8);
+#endif
+}
+
+// s[0] + ... + s[kBlock - 1]: as one scalar chain (without -ffast-math) the sum kept the
+// exponentials' loop from vectorizing.
+inline float BlockSum(const float* s) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a = _mm256_add_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8));
+  for (int i = 16; i < kBlock; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(s + i));
+  return HorizontalSum(a);
+#else
+  float part[8] = {};
+  for (int jj = 0; jj < kBlock; ++jj) part[jj % 8] += s[jj];
+  float sum = 0.0f;
+  for (float x : part) sum += x;
+  return sum;
 #endif
 }
 
@@ -189,6 +218,26 @@ inline void AccumulatePV(float* __restrict acc, float alpha, const float* p, con
   }
 }
 
+// q [H] . k [H]. Vectorized in a few independent chains: as one chain of scalar FMAs (the
+// order the compiler must keep without -ffast-math) decode's scores took most of its time.
+template <int64_t kHeadDim>
+inline float Dot(const float* __restrict q, const float* __restrict k, int64_t H) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int64_t h = 0; h < kHeadDim; h += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + h), _mm256_loadu_ps(k + h), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + h + 8), _mm256_loadu_ps(k + h + 8), a1);
+    }
+    return HorizontalSum(_mm256_add_ps(a0, a1));
+  }
+#endif
+  float dot = 0.0f;
+  for (int64_t h = 0; h < H; ++h) dot += q[h] * k[h];
+  return dot;
+}
+
 // Offset of KV position j's [K, H] row in the pools, through the sequence's block table. Page
 // ids are clamped into the pool and the page index to the table, so a bad table reads a wrong
 // row, never outside the pool.
@@ -198,8 +247,9 @@ inline int64_t RowOffset(const Problem& pb, const int32_t* table, int32_t j) {
   return (page * pb.page_size + j % pb.page_size) * pb.num_kv_heads * pb.head_dim;
 }
 
-// One sequence's tile of tokens, all heads: row r is token r / N, query head r % N, which reads
-// KV head (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
+// One sequence's tile of tokens, the query heads of the item's KV heads: row r is token r / N,
+// query head r % N, which reads KV head (r % N) / G; rows of other KV heads are skipped. Every
+// K/V row of the pool ([K, H], contiguous) is read once per item.
 // kHeadDim > 0 fixes H at compile time, so a row's accumulator stays in registers.
 template <int64_t kHeadDim>
 void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
@@ -211,6 +261,12 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   const int32_t kv_len = pb.kv_lens[it.seq];
   const int32_t* table = pb.tables + static_cast<int64_t>(it.seq) * pb.pages_per_seq;
 
+  // Row r's KV head, or -1 for another item's: computed once, not per position (two integer
+  // divisions per row and position were a good part of a decode step's attention).
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t kv_head = static_cast<int32_t>((r % N) / G);
+    sc.head[r] = kv_head >= it.kv_begin && kv_head < it.kv_end ? kv_head : -1;
+  }
   const float* q_src = pb.q + static_cast<int64_t>(it.first_token) * N * H;
   for (int64_t i = 0; i < rows * H; ++i) sc.qs[i] = q_src[i] * pb.scale;
   for (int64_t r = 0; r < rows; ++r) {
@@ -234,7 +290,7 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
     // request the next block's rows while this one computes.
     for (int32_t j = j0 + kBlock; j < std::min<int32_t>(end, j0 + 2 * kBlock); ++j) {
       const int64_t offset = RowOffset(pb, table, j);
-      for (int64_t x = 0; x < K * H; x += 16) {
+      for (int64_t x = it.kv_begin * H; x < it.kv_end * H; x += 16) {
         __builtin_prefetch(pb.k + offset + x);
         __builtin_prefetch(pb.v + offset + x);
       }
@@ -247,30 +303,22 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
         for (int64_t x = 0; x < K * H; ++x) sc.kt[x * kBlock + jj] = kr[x];
       } else {
         for (int64_t r = 0; r < rows; ++r) {
-          const float* __restrict qr = sc.qs.data() + r * H;
-          const float* __restrict kh = kr + (r % N) / G * H;
-          float dot = 0.0f;
-          for (int64_t h = 0; h < H; ++h) dot += qr[h] * kh[h];
-          sc.s[r * kBlock + jj] = dot;
+          if (sc.head[r] >= 0) sc.s[r * kBlock + jj] = Dot<kHeadDim>(sc.qs.data() + r * H, kr + sc.head[r] * H, H);
         }
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t lo = sc.lo[r], hi = sc.pos[r];
-      if (hi < j0 || lo >= j0 + n) continue;  // nothing visible to this row in the block
-      const int64_t kv_head = (r % N) / G;
+      if (hi < j0 || lo >= j0 + n || sc.head[r] < 0) continue;  // nothing visible to this row in the block
+      const int64_t kv_head = sc.head[r];
       float* __restrict s = sc.s.data() + r * kBlock;
       if (transpose) ScoreRow(sc.qs.data() + r * H, sc.kt.data() + kv_head * H * kBlock, H, s);
       const int first = std::max(lo - j0, 0), last = std::min(hi - j0 + 1, n);  // visible: [first, last)
       for (int jj = 0; jj < kBlock; ++jj) s[jj] = (jj >= first && jj < last) ? s[jj] : kMask;
       const float mx = BlockMax(s, sc.m[r]);
       const float alpha = exp_nonpositive(sc.m[r] - mx);
-      float sum = 0.0f;
-      for (int jj = 0; jj < kBlock; ++jj) {
-        const float p = s[jj] > 0.5f * kMask ? exp_nonpositive(s[jj] - mx) : 0.0f;
-        s[jj] = p;
-        sum += p;
-      }
+      for (int jj = 0; jj < kBlock; ++jj) s[jj] = s[jj] > 0.5f * kMask ? exp_nonpositive(s[jj] - mx) : 0.0f;
+      const float sum = BlockSum(s);
       sc.m[r] = mx;
       sc.l[r] = sc.l[r] * alpha + sum;
       AccumulatePV<kHeadDim>(sc.acc.data() + r * H, alpha, s, kv_row, kv_head * H, first, last, H);
@@ -278,6 +326,7 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   }
   float* out = pb.out + static_cast<int64_t>(it.first_token) * N * H;
   for (int64_t r = 0; r < rows; ++r) {
+    if (sc.head[r] < 0) continue;
     const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;
     for (int64_t h = 0; h < H; ++h) out[r * H + h] = sc.acc[r * H + h] * inv;
   }
@@ -314,11 +363,25 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     const int32_t first = pb.cu_q_lens[s], last = std::min<int64_t>(pb.cu_q_lens[s + 1], num_tokens);
     if (last - first <= 0 || pb.kv_lens[s] < last - first) continue;  // padding sequence
     for (int32_t t = first; t < last; t += kTileTokens) {
-      items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t)});
+      items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t), 0, static_cast<int32_t>(pb.num_kv_heads)});
     }
   }
-  jpaged::Helpers::Get(pool.num_threads()).Run(static_cast<int64_t>(items.size()),
-                                               [&](int64_t i) { RunOne(pb, items[i]); });
+  jpaged::Helpers& helpers = jpaged::Helpers::Get(pool.num_threads());
+  // Fewer tiles than threads (one sequence decoding): decode tiles split by KV head, so that each
+  // thread reads and scores its heads' part of the K/V rows. Prefill tiles transpose all of K
+  // per item (kTransposeRows), so they stay whole.
+  if (static_cast<int64_t>(items.size()) <= helpers.size() && pb.num_kv_heads > 1) {
+    std::vector<Item> split;
+    for (const Item& it : items) {
+      if (it.num_tokens * pb.num_heads >= kTransposeRows) {
+        split.push_back(it);
+        continue;
+      }
+      for (int32_t h = 0; h < pb.num_kv_heads; ++h) split.push_back(Item{it.seq, it.first_token, it.num_tokens, h, h + 1});
+    }
+    items.swap(split);
+  }
+  helpers.Run(static_cast<int64_t>(items.size()), [&](int64_t i) { RunOne(pb, items[i]); });
   return ffi::Error::Success();
 }
 
