@@ -2,7 +2,8 @@
 behind the XLA FFI that dequantizes in registers and accumulates in float32.
 
 The checkpoint's packed leaves (rows = output columns) are rearranged once at load time by
-`pack_panels` into column panels of 32, the layout the float kernel (cpu_linear.py) uses too.
+`pack_panels` into column panels of 32, the layout the float kernel (cpu_linear.py) uses too,
+then `narrow_panels` and `join_panels` make them one array of a panel's rows.
 Which vector code runs is decided from the CPU's flags (`best_isa`), never assumed.
 """
 
@@ -86,10 +87,19 @@ def narrow_panels(scales: jax.Array, mins: jax.Array, bits: int) -> tuple[np.nda
     return (scales.astype(np.float16), mins.astype(np.float16)) if half else (scales, mins)
 
 
-def linear_cpu_packed(x: jax.Array, q: jax.Array, scales: jax.Array, mins: jax.Array, fmt, n: int,
-                      *, isa: str | None = None) -> jax.Array:
-    """x [..., K] @ w [K, n], w given as pack_panels' (q, scales, mins), narrowed or not by
-    narrow_panels -> [..., n] float32.
+def join_panels(q: jax.Array, scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """pack_panels' q [P, K*bits/32, 32] uint32 and (narrow_panels') scales and mins [P, K/G or 0, 32]
+    -> panels [P, X]: each panel's words, scales and minimums back to back, uint32 for float32
+    scales, uint16 for float16. One array a projection: a step's dispatch costs per array, and
+    a panel streams from one place."""
+    scales, mins = np.asarray(scales), np.asarray(mins)
+    unit = np.uint16 if scales.dtype == np.float16 else np.uint32
+    parts = [np.asarray(q).view(unit), scales.view(unit), mins.view(unit)]
+    return np.concatenate([t.reshape(t.shape[0], -1) for t in parts], axis=1)
+
+
+def linear_cpu_packed(x: jax.Array, panels: jax.Array, fmt, n: int, *, isa: str | None = None) -> jax.Array:
+    """x [..., K] @ w [K, n], w given as join_panels' panels [ceil(n / 32), X] -> [..., n] float32.
 
     isa: "portable", "avx2" or "avx512"; None picks the best this CPU has.
     """
@@ -99,15 +109,14 @@ def linear_cpu_packed(x: jax.Array, q: jax.Array, scales: jax.Array, mins: jax.A
         raise ValueError(f"isa {isa!r} is not supported by this CPU (it has {', '.join(supported_isas())})")
     if x.dtype != jnp.float32:
         raise TypeError(f"the CPU packed linear kernel takes float32 activations, not {x.dtype}")
+    if panels.dtype not in (jnp.uint32, jnp.uint16):
+        raise TypeError(f"packed panels must be uint32 (float32 scales) or uint16 (float16 scales), not {panels.dtype}")
     k = x.shape[-1]
-    panels = -(-n // PANEL)
-    groups = (panels, k // fmt.group_size, PANEL)
-    if q.shape != (panels, k * fmt.bits // 32, PANEL) or scales.shape != groups or mins.shape not in (groups, (panels, 0, PANEL)):
-        raise ValueError(f"packed panels q {q.shape}, scales {scales.shape}, mins {mins.shape} do not fit "
-                         f"x {x.shape}, n={n} and {fmt}")
-    if scales.dtype not in (jnp.float32, jnp.float16) or mins.dtype != scales.dtype:
-        raise TypeError(f"packed panels' scales and mins must both be float32 or float16, not {scales.dtype} and {mins.dtype}")
+    q = k * fmt.bits // 32 * PANEL * 4 // panels.dtype.itemsize  # a panel's integers, in panels' elements
+    sm = k // fmt.group_size * PANEL
+    if k % fmt.group_size or panels.ndim != 2 or panels.shape[0] != -(-n // PANEL) or panels.shape[1] not in (q + sm, q + 2 * sm):
+        raise ValueError(f"packed panels {panels.shape} do not fit x {x.shape}, n={n} and {fmt}")
     rows = x.reshape(-1, k)
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
-        rows, q, scales, mins, isa=np.int32(ISAS[isa]), bits=np.int32(fmt.bits))
+        rows, panels, isa=np.int32(ISAS[isa]), bits=np.int32(fmt.bits), group_size=np.int32(fmt.group_size))
     return y.reshape(*x.shape[:-1], n)

@@ -46,14 +46,18 @@ class Linear(nnx.Module):
     With linear backend "cpu" the kernel is held packed for the C++ kernel
     (pallas_kernels.cpu_linear.pack_columns, [ceil(out / 32), in, 32]); build_model packs it.
     With `packed` (a PackedFormat) the kernel is three leaves, qweight/scales/mins [out, ...],
-    read by XLA (unpacked inside the step), by the C++ kernel (cpu_linear_packed's panels) or,
-    with backend "pallas", by the Pallas GPU kernel (pallas_kernels.packed_matmul).
+    read by XLA (unpacked inside the step) or, with backend "pallas", by the Pallas GPU kernel
+    (pallas_kernels.packed_matmul); with backend "cpu" it is one leaf, `panels`, for the C++
+    kernel (cpu_linear_packed.join_panels).
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs | None, backend: str = "xla",
                  packed: PackedFormat | None = None):
         if packed is None:
             self.kernel = _param(_INIT, rngs, (in_dim, out_dim), dtype)
+        elif backend == "cpu":
+            # Shape-only: build_model puts cpu_linear_packed.join_panels' array here.
+            self.panels = _param(nnx.initializers.zeros, rngs, (-(-out_dim // PANEL), 0), jnp.uint32)
         else:
             _packed_params(self, packed, in_dim, out_dim, rngs)
         self.bias = _param(nnx.initializers.zeros, rngs, (out_dim,), dtype) if bias else None
@@ -62,11 +66,11 @@ class Linear(nnx.Module):
         self.packed = packed
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.packed is not None:
+        if self.packed is not None and self.backend == "cpu":
+            y = linear_cpu_packed(x, self.panels[...], self.packed, self.out_dim)
+        elif self.packed is not None:
             leaves = (self.qweight[...], self.scales[...], self.mins[...])
-            if self.backend == "cpu":
-                y = linear_cpu_packed(x, *leaves, self.packed, self.out_dim)
-            elif self.backend == "pallas":
+            if self.backend == "pallas":
                 rows = x.reshape(-1, x.shape[-1])
                 y = packed_matmul(rows, *leaves, bits=self.packed.bits, group_size=self.packed.group_size)
                 y = y.reshape(*x.shape[:-1], self.out_dim)
@@ -93,7 +97,7 @@ def fuses(linear: str, widths: list[int], formats: list[PackedFormat | None]) ->
     """Whether projections of one input run as one kernel call, their columns side by side.
 
     Only with the C++ kernels (linear "cpu", one device): a decode step's projections are so
-    small that each call's fixed cost (dispatch, waking the kernel's helper thread) is a good
+    small that each call's fixed cost (dispatch, handing work to XLA's pool) is a good
     part of it, and independent calls run concurrently on two cores and contend. Their columns
     are laid out in 32-wide panels, so the parts concatenate panel-wise when each width is a
     whole number of panels and all share one format.

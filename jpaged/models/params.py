@@ -18,7 +18,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.llama import FUSED, CausalLM, fused_widths, fuses
 from jpaged.models.packed import LEAVES, Quantization
 from pallas_kernels.cpu_linear import pack_columns
-from pallas_kernels.cpu_linear_packed import narrow_panels, pack_panels
+from pallas_kernels.cpu_linear_packed import join_panels, narrow_panels, pack_panels
 
 ParamTree = dict[str, Any]
 
@@ -73,8 +73,8 @@ def _pack_for_cpu(config: ModelConfig, params: ParamTree, quant: Quantization) -
         out.update({f"{module}.{leaf}": x for leaf, x in zip(LEAVES, packed)})
     out, modules = _fuse_panels(config, out, modules)
     for module, fmt in modules.items():
-        out[f"{module}.scales"], out[f"{module}.mins"] = map(jnp.asarray, narrow_panels(
-            out[f"{module}.scales"], out[f"{module}.mins"], fmt.bits))
+        q, scales, mins = (out.pop(f"{module}.{leaf}") for leaf in LEAVES)
+        out[f"{module}.panels"] = jnp.asarray(join_panels(q, *narrow_panels(scales, mins, fmt.bits)))
     return unflatten(out)
 
 
@@ -129,8 +129,8 @@ def build_model(
     With linear="cpu" every projection kernel [in, out] is packed for the C++ kernel (a copy;
     a tied lm_head gets its own, packed from the embedding). With a mesh (tensor parallelism)
     the params are already placed by jpaged.parallel's table and the attention runs per device.
-    quant names the packed modules (jpaged.models.packed); with linear="cpu" they are rearranged
-    into the packed kernel's panels (pallas_kernels.cpu_linear_packed.pack_panels).
+    quant names the packed modules (jpaged.models.packed); with linear="cpu" each becomes one
+    array of the packed kernel's panels (pallas_kernels.cpu_linear_packed.join_panels).
     """
     quant = quant or {}
     if linear == "cpu":

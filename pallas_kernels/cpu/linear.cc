@@ -6,7 +6,7 @@
 //   y  [M, N]
 //
 // XLA:CPU runs a dot with a few dozen rows (a decode step's batch) on one core through Eigen;
-// here the panels are shared by the calling thread and its helpers (parallel.h), so all cores work.
+// here the panels are shared by the calling thread and XLA's pool (parallel.h), so all cores work.
 // Each 8 x 32 block of y is accumulated over the whole of K in 16 registers (with AVX2 only,
 // 6 x 16 in 12) and stored once; while a thread works on a panel it prefetches the next one,
 // because at these shapes the weights stream from memory and the step is as much about
@@ -180,9 +180,8 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   if (s.M == 0 || s.N == 0) return ffi::Error::Success();
   // A few chunks per thread: enough to even out a thread that starts late, long enough that
   // the prefetch of the next panel mostly stays inside a chunk.
-  jpaged::Helpers& helpers = jpaged::Helpers::Get(pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(1, s.panels / (4 * (helpers.size() + 1)));
-  helpers.Run((s.panels + chunk - 1) / chunk,
+  const int64_t chunk = std::max<int64_t>(1, s.panels / (4 * jpaged::Workers(pool)));
+  jpaged::ParallelFor(pool, (s.panels + chunk - 1) / chunk,
               [&](int64_t i) { RunChunk(s, i * chunk, std::min(s.panels, (i + 1) * chunk)); });
   return ffi::Error::Success();
 }

@@ -2,11 +2,15 @@
 // dequantized in registers, accumulated in float32. Called from jax through the XLA FFI.
 //
 //   x       [M, K]            float32 activations, row-major
-//   q       [P, K * bits / 32, 32] uint32: word [o, c] holds column c's integers for k = o * per + i,
+//   panels  [P, X]            one row per panel of 32 columns: its integers, scales and minimums
+//                             back to back, so a panel streams from one place (and a step passes
+//                             one array per projection, not three: jax's dispatch costs per array):
+//     q       [K * bits / 32, 32] uint32: word [o, c] holds column c's integers for k = o * per + i,
 //                             i < per = 32 / bits, the i-th in bits [bits * i, bits * (i + 1))
-//   scales  [P, K / G, 32]    float32 or float16, a panel's 32 columns of one group contiguous
-//   mins    [P, K / G, 32]    the scales' type; or [P, 0, 32] for a symmetric format, whose
-//                             minimums are -2^(bits-1) * scale
+//     scales  [K / G, 32]     float32 (panels uint32) or float16 (panels uint16), a group's 32
+//                             columns contiguous
+//     mins    [K / G, 32]     the scales' type; absent for a symmetric format, whose minimums
+//                             are -2^(bits-1) * scale
 //   y       [M, N]            P = ceil(N / 32); columns past N have zero scale and minimum
 //
 // w[k, c] = scale[g, c] * q[k, c] + min[g, c] with g = k / G. float16 scales and minimums (GGUF's
@@ -56,17 +60,17 @@ constexpr int64_t kDequantizeRows = 16;
 
 struct Problem {
   const float* x;
-  const uint32_t* q;
-  const void* scales;  // float or float16 (half)
-  const void* mins;    // the scales' type; nullptr: -offset * scale
+  const uint32_t* q;   // panel p's words at q + p * q_stride
+  const void* scales;  // float or float16 (half); panel p's at element p * sm_stride
+  const void* mins;    // like scales; nullptr: -offset * scale
   const float* xsum;   // [M, K / G]
   float* y;
-  int64_t M, K, N, G, bits;
+  int64_t M, K, N, G, bits, q_stride, sm_stride;
   bool half;
   float offset;  // 2^(bits-1) when mins is nullptr
   int64_t groups() const { return K / G; }
   // Element index of panel p, group g, column c in scales/mins.
-  int64_t at(int64_t p, int64_t g, int64_t c) const { return (p * groups() + g) * kPanel + c; }
+  int64_t at(int64_t p, int64_t g, int64_t c) const { return p * sm_stride + g * kPanel + c; }
 };
 
 // IEEE half -> float, exact (normals, subnormals, infinities, NaN).
@@ -108,7 +112,7 @@ inline float QAt(uint32_t word, int i, int64_t bits) {
 void PanelPortable(const Problem& s, int64_t p) {
   const int cols = static_cast<int>(std::min<int64_t>(kPanel, s.N - p * kPanel));
   const int per = static_cast<int>(32 / s.bits);  // integers a word
-  const uint32_t* q = s.q + p * (s.K / per) * kPanel;
+  const uint32_t* q = s.q + p * s.q_stride;
   for (int64_t r = 0; r < s.M; ++r) {
     float out[kPanel] = {};
     const float* x = s.x + r * s.K;
@@ -153,7 +157,7 @@ template <int R, int V, int kBits>
 __attribute__((target(JPAGED_AVX2))) void TileAvx2(const Problem& s, int64_t p, int64_t r0, int v0) {
   constexpr int kPer = 32 / kBits;
   constexpr uint32_t kMask = (1u << kBits) - 1;
-  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel + 8 * v0;
+  const uint32_t* q = s.q + p * s.q_stride + 8 * v0;
   const float* x = s.x + r0 * s.K;
   const __m256i mask = _mm256_set1_epi32(kMask);
   __m256 out[R][V];
@@ -226,7 +230,7 @@ __attribute__((target(JPAGED_AVX2))) void RowsAvx2(const Problem& s, int64_t p, 
 template <int kBits>
 __attribute__((target(JPAGED_AVX2))) void DequantizePanelAvx2(const Problem& s, int64_t p, float* buf) {
   constexpr int kPer = 32 / kBits;
-  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
+  const uint32_t* q = s.q + p * s.q_stride;
   const __m256i mask = _mm256_set1_epi32((1u << kBits) - 1);
   for (int64_t o = 0; o < s.K / kPer; ++o) {
     const int64_t g = o * kPer / s.G;
@@ -321,7 +325,7 @@ __attribute__((target(JPAGED_AVX512))) inline __m512 LoadAvx512(const Problem& s
 template <int R, int kBits>
 __attribute__((target(JPAGED_AVX512))) void TileAvx512(const Problem& s, int64_t p, int64_t r0) {
   constexpr int kPer = 32 / kBits;
-  const uint32_t* q = s.q + p * (s.K / kPer) * kPanel;
+  const uint32_t* q = s.q + p * s.q_stride;
   const float* x = s.x + r0 * s.K;
   const __m512i mask = _mm512_set1_epi32((1u << kBits) - 1);
   __m512 out[R][2];
@@ -399,24 +403,22 @@ bool CpuHas(Isa isa) { return isa == kPortable; }
 
 using PanelFn = void (*)(const Problem&, int64_t);
 
-ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> q,
-                        ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
-                        int32_t bits) {
-  auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions(), md = mins.dimensions(),
-       yd = y->dimensions();
+ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                        ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t bits, int32_t group_size) {
+  auto xd = x.dimensions(), pd = panels.dimensions(), yd = y->dimensions();
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("linear_packed: bits must be 4 or 8");
-  const int64_t per = 32 / bits;
-  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
-      qd[1] * per != xd[1] || qd[2] != kPanel || sd[0] != qd[0] || sd[2] != kPanel || sd[1] == 0 ||
-      (xd[1] / sd[1]) % per != 0 || xd[1] % sd[1] != 0 || md.size() != 3 || (md[1] != sd[1] && md[1] != 0) ||
-      md[0] != sd[0] || md[2] != sd[2] || (yd[1] + kPanel - 1) / kPanel != qd[0]) {
-    return ffi::Error::InvalidArgument(
-        "linear_packed: x [M, K], q [ceil(N / 32), K * bits / 32, 32], scales [ceil(N / 32), K / G, 32], "
-        "mins like scales or [ceil(N / 32), 0, 32], y [M, N]");
+  const ffi::DataType dtype = panels.element_type();
+  if (dtype != ffi::DataType::U32 && dtype != ffi::DataType::U16) {
+    return ffi::Error::InvalidArgument("linear_packed: panels must be uint32 (float32 scales) or uint16 (float16)");
   }
-  const ffi::DataType dtype = scales.element_type();
-  if ((dtype != ffi::DataType::F32 && dtype != ffi::DataType::F16) || mins.element_type() != dtype) {
-    return ffi::Error::InvalidArgument("linear_packed: scales and mins must both be float32 or both float16");
+  const int64_t elem = dtype == ffi::DataType::U32 ? 4 : 2;  // bytes of a panels element and of a scale
+  if (xd.size() != 2 || pd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] || group_size <= 0 ||
+      xd[1] % group_size != 0 || group_size % (32 / bits) != 0 || (yd[1] + kPanel - 1) / kPanel != pd[0]) {
+    return ffi::Error::InvalidArgument("linear_packed: x [M, K], panels [ceil(N / 32), X], y [M, N], K % G == 0");
+  }
+  const int64_t q_elems = xd[1] * bits / 32 * kPanel * 4 / elem, sm_elems = xd[1] / group_size * kPanel;
+  if (pd[1] != q_elems + sm_elems && pd[1] != q_elems + 2 * sm_elems) {
+    return ffi::Error::InvalidArgument("linear_packed: a panel's row is not its integers, scales and (or not) minimums");
   }
   if (isa != kPortable && isa != kAvx2 && isa != kAvx512) return ffi::Error::InvalidArgument("linear_packed: bad isa");
   if (!CpuHas(static_cast<Isa>(isa))) return ffi::Error::InvalidArgument("linear_packed: this CPU lacks the isa");
@@ -424,13 +426,16 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   s.M = xd[0];
   s.K = xd[1];
   s.N = yd[1];
-  s.G = s.K / sd[1];
+  s.G = group_size;
   s.bits = bits;
   s.x = x.typed_data();
-  s.q = q.typed_data();
-  s.scales = scales.untyped_data();
-  s.mins = md[1] == 0 ? nullptr : mins.untyped_data();
-  s.half = dtype == ffi::DataType::F16;
+  const char* base = static_cast<const char*>(panels.untyped_data());
+  s.q = reinterpret_cast<const uint32_t*>(base);
+  s.q_stride = pd[1] * elem / 4;
+  s.scales = base + q_elems * elem;
+  s.mins = pd[1] == q_elems + sm_elems ? nullptr : base + (q_elems + sm_elems) * elem;
+  s.sm_stride = pd[1];
+  s.half = elem == 2;
   s.offset = static_cast<float>(1 << (bits - 1));
   s.y = y->typed_data();
   if (s.M == 0 || s.N == 0) return ffi::Error::Success();
@@ -453,12 +458,11 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 #else
   const PanelFn panel = PanelPortable;
 #endif
-  const int64_t panels = qd[0];
-  jpaged::Helpers& helpers = jpaged::Helpers::Get(pool.num_threads());
+  const int64_t num_panels = pd[0];
   // A few chunks per thread, so that one that starts late evens out.
-  const int64_t chunk = std::max<int64_t>(1, panels / (4 * (helpers.size() + 1)));
-  helpers.Run((panels + chunk - 1) / chunk, [&](int64_t i) {
-    for (int64_t p = i * chunk; p < std::min(panels, (i + 1) * chunk); ++p) panel(s, p);
+  const int64_t chunk = std::max<int64_t>(1, num_panels / (4 * jpaged::Workers(pool)));
+  jpaged::ParallelFor(pool, (num_panels + chunk - 1) / chunk, [&](int64_t i) {
+    for (int64_t p = i * chunk; p < std::min(num_panels, (i + 1) * chunk); ++p) panel(s, p);
   });
   return ffi::Error::Success();
 }
@@ -469,9 +473,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearPackedF32, LinearPacked,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
-                                  .Attr<int32_t>("bits"));
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("group_size"));

@@ -11,7 +11,7 @@
 // XLA's gathers and reductions move KV at ~5 GB/s on a 2-core CPU; this kernel reads each K/V
 // row once per (sequence, query tile) through the block table, straight from the pool. Work
 // items (sequence, tile of up to kTileTokens tokens, all heads) are shared by the calling thread
-// and its helpers (parallel.h). Per block of kBlock KV positions: scores (dots for decode tiles, rank-1
+// and XLA's pool (parallel.h). Per block of kBlock KV positions: scores (dots for decode tiles, rank-1
 // updates over a transposed copy of K for prefill tiles), one online-softmax rescale, P @ V.
 
 #include <algorithm>
@@ -366,11 +366,11 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
       items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t), 0, static_cast<int32_t>(pb.num_kv_heads)});
     }
   }
-  jpaged::Helpers& helpers = jpaged::Helpers::Get(pool.num_threads());
+  const int64_t workers = jpaged::Workers(pool);
   // Fewer tiles than threads (one sequence decoding): decode tiles split by KV head, so that each
   // thread reads and scores its heads' part of the K/V rows. Prefill tiles transpose all of K
   // per item (kTransposeRows), so they stay whole.
-  if (static_cast<int64_t>(items.size()) <= helpers.size() && pb.num_kv_heads > 1) {
+  if (static_cast<int64_t>(items.size()) < workers && pb.num_kv_heads > 1) {
     std::vector<Item> split;
     for (const Item& it : items) {
       if (it.num_tokens * pb.num_heads >= kTransposeRows) {
@@ -381,7 +381,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     }
     items.swap(split);
   }
-  helpers.Run(static_cast<int64_t>(items.size()), [&](int64_t i) { RunOne(pb, items[i]); });
+  jpaged::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) { RunOne(pb, items[i]); });
   return ffi::Error::Success();
 }
 

@@ -8,7 +8,7 @@ import pytest
 
 from jpaged.models.packed import PackedFormat, pack_ints, unpack
 from pallas_kernels.cpu_build import cpu_model, unavailable_reason
-from pallas_kernels.cpu_linear_packed import linear_cpu_packed, narrow_panels, pack_panels, supported_isas
+from pallas_kernels.cpu_linear_packed import join_panels, linear_cpu_packed, narrow_panels, pack_panels, supported_isas
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or unavailable_reason() is not None,
                                 reason=f"needs the CPU kernels: {unavailable_reason()}")
@@ -36,12 +36,12 @@ def test_matches_float64_reference(isa, bits, group):
     fmt = PackedFormat(bits, group)
     qweight, scales, mins = _case(bits, group)
     w = unpack(qweight, scales, mins, fmt, np).astype(np.float64).T  # [K, N]
-    panels = pack_panels(jnp.asarray(qweight), jnp.asarray(scales), jnp.asarray(mins), bits)
-    run = jax.jit(lambda x, *p: linear_cpu_packed(x, *p, fmt, N, isa=isa))
+    panels = jnp.asarray(join_panels(*pack_panels(jnp.asarray(qweight), jnp.asarray(scales), jnp.asarray(mins), bits)))
+    run = jax.jit(lambda x, p: linear_cpu_packed(x, p, fmt, N, isa=isa))
     rng = np.random.default_rng(1)
     for m in (1, 4, 32, 256, 512):
         x = rng.standard_normal((m, K)).astype(np.float32)
-        y = np.asarray(run(jnp.asarray(x), *panels))
+        y = np.asarray(run(jnp.asarray(x), panels))
         np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=2e-5 * np.sqrt(K), err_msg=f"M={m}")
 
 
@@ -67,11 +67,13 @@ def test_narrowed_panels_match_float64_reference(isa, bits, half, symmetric):
     assert s.dtype == m.dtype == (np.float16 if half else np.float32)
     assert m.shape[1] == (0 if symmetric else s.shape[1])
     w = unpack(qweight, scales, mins, fmt, np).astype(np.float64).T
-    run = jax.jit(lambda x, *p: linear_cpu_packed(x, *p, fmt, N, isa=isa))
+    panels = join_panels(q, s, m)
+    assert panels.dtype == (np.uint16 if half else np.uint32)
+    run = jax.jit(lambda x, p: linear_cpu_packed(x, p, fmt, N, isa=isa))
     rng = np.random.default_rng(3)
     for m_rows in (1, 4, 32):  # 32: the dequantize-then-multiply path
         x = rng.standard_normal((m_rows, K)).astype(np.float32)
-        y = np.asarray(run(jnp.asarray(x), q, jnp.asarray(s), jnp.asarray(m)))
+        y = np.asarray(run(jnp.asarray(x), jnp.asarray(panels)))
         np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=2e-5 * np.sqrt(K), err_msg=f"M={m_rows}")
 
 
@@ -90,8 +92,12 @@ def test_narrow_panels_keeps_what_is_not_exact():
 
 def test_unsupported_isa_and_shapes_are_refused():
     fmt = PackedFormat(4, 32)
-    panels = pack_panels(*(jnp.asarray(a) for a in _case(4, 32)), 4)
+    panels = jnp.asarray(join_panels(*pack_panels(*(jnp.asarray(a) for a in _case(4, 32)), 4)))
     with pytest.raises(ValueError, match="isa 'sse9'"):
-        linear_cpu_packed(jnp.ones((1, K)), *panels, fmt, N, isa="sse9")
+        linear_cpu_packed(jnp.ones((1, K)), panels, fmt, N, isa="sse9")
     with pytest.raises(ValueError, match="do not fit"):
-        linear_cpu_packed(jnp.ones((1, K + 32)), *panels, fmt, N)
+        linear_cpu_packed(jnp.ones((1, K + 32)), panels, fmt, N)
+    with pytest.raises(ValueError, match="do not fit"):  # a panel row one scale short
+        linear_cpu_packed(jnp.ones((1, K)), panels[:, :-1], fmt, N)
+    with pytest.raises(TypeError, match="uint32"):
+        linear_cpu_packed(jnp.ones((1, K)), panels.view(jnp.float32), fmt, N)
