@@ -182,7 +182,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   // the prefetch of the next panel mostly stays inside a chunk.
   const int64_t chunk = std::max<int64_t>(1, s.panels / (4 * jpaged::Workers(pool)));
   jpaged::ParallelFor(pool, (s.panels + chunk - 1) / chunk,
-              [&](int64_t i) { RunChunk(s, i * chunk, std::min(s.panels, (i + 1) * chunk)); });
+                      [&](int64_t i) { RunChunk(s, i * chunk, std::min(s.panels, (i + 1) * chunk)); });
   return ffi::Error::Success();
 }
 
