@@ -81,8 +81,8 @@ def bench(shapes: dict, rows: list[int], stream_bytes: int, calls: int, samples:
                     raise AssertionError(f"{name} {fmt_name} M={m}: max error {err} against float64")
                 copies = max(2, -(-stream_bytes // weight.nbytes))
                 stream = [jnp.array(weight, copy=True) for _ in range(copies)]
-                for placement, ws in (("stream", (stream * -(-calls // copies))[:max(calls, copies)]),
-                                      ("cached", [weight] * calls)):
+                cycled = [stream[i % copies] for i in range(max(calls, copies))]
+                for placement, ws in (("stream", cycled), ("cached", [weight] * calls)):
                     sec = time_calls(call, jnp.asarray(x), ws, samples)
                     out.append(dict(shape=name, K=k, N=n, bits=bits if fmt_name == "packed" else 32, format=fmt_name,
                                     rows=m, placement=placement, calls=len(ws), us_per_call=sec * 1e6,

@@ -496,7 +496,8 @@ ffi::Error LinearPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
     }
   }
   s.xsum = xsum.data();
-  std::vector<float> xs(factored ? s.M * s.K : 0);
+  // The vector paths' in-place integers need x pre-scaled (Problem::xs); the portable one shifts.
+  std::vector<float> xs(isa != kPortable && s.M < kDequantizeRows ? s.M * s.K : 0);
   const int64_t per = 32 / bits;  // K is a multiple of per, so k % per == i % per
   float pow2[8];
   for (int64_t i = 0; i < per; ++i) pow2[i] = i == per - 1 ? 1.f : std::ldexp(1.f, static_cast<int>(-bits * i));
