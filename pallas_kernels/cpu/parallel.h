@@ -72,4 +72,30 @@ void ParallelFor(Pool& pool, int64_t tasks, const std::function<void(int64_t)>& 
   while (work->done.load(std::memory_order_acquire) < tasks) JPAGED_PAUSE();
 }
 
+// Runs task(i) for every i in [0, n) as ParallelFor does, in Workers(pool) contiguous segments
+// claimed one index at a time: each thread walks one segment front to back (one stream through
+// memory, which the prefetchers follow), then helps with the others'. Each index is claimed once,
+// so a thread that starts late only finds less left, and the threads finish within one index of
+// each other: ParallelFor's chunks of n / (4 threads) left one thread waiting ~8 us at the end of
+// a decode call (the default model's projections on 2 cores), a tenth of the call.
+template <typename Pool>
+void ParallelForSegments(Pool& pool, int64_t n, const std::function<void(int64_t)>& task) {
+  const int64_t segments = std::max<int64_t>(1, std::min<int64_t>(n, Workers(pool)));
+  struct alignas(64) Segment {
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::unique_ptr<Segment[]> segment(new Segment[segments]);  // valid while ParallelFor runs tasks
+  for (int64_t t = 0; t < segments; ++t) {
+    segment[t].next.store(n * t / segments, std::memory_order_relaxed);
+    segment[t].end = n * (t + 1) / segments;
+  }
+  ParallelFor(pool, segments, [&](int64_t t) {
+    for (int64_t k = 0; k < segments; ++k) {
+      Segment& g = segment[(t + k) % segments];
+      for (int64_t i; (i = g.next.fetch_add(1, std::memory_order_relaxed)) < g.end;) task(i);
+    }
+  });
+}
+
 }  // namespace jpaged
