@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,9 +73,14 @@ struct Problem {
 };
 
 // A sequence's tile of tokens and a range of its KV heads (all of them, except for decode
-// tiles when there are fewer tiles than threads: one sequence alone would use one core).
+// tiles when there are fewer tiles than threads: one sequence alone would use one core), over
+// KV positions [pos_begin, pos_end) of what the tile sees. An item over part of the positions
+// leaves its rows unnormalized in `partial` ([rows, H + 2]: acc, then the running max and sum),
+// for PagedAttention to merge.
 struct Item {
   int32_t seq, first_token, num_tokens, kv_begin, kv_end;
+  int32_t pos_begin = 0, pos_end = INT32_MAX;
+  float* partial = nullptr;
 };
 
 // Scratch per thread, sized for the largest tile.
@@ -277,8 +283,8 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
     sc.l[r] = 0.0f;
   }
   std::fill(sc.acc.begin(), sc.acc.begin() + rows * H, 0.0f);
-  const int32_t begin = sc.lo[0];  // rows are in position order
-  const int32_t end = sc.pos[rows - 1] + 1;
+  const int32_t begin = std::max(sc.lo[0], it.pos_begin);  // rows are in position order
+  const int32_t end = std::min(sc.pos[rows - 1] + 1, it.pos_end);
 
   // Few rows (decode): one dot per (row, position) straight from the pool. Many rows (prefill
   // tiles): K transposed once per block, so scores are rank-1 updates along the block.
@@ -324,6 +330,16 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
       AccumulatePV<kHeadDim>(sc.acc.data() + r * H, alpha, s, kv_row, kv_head * H, first, last, H);
     }
   }
+  if (it.partial != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (sc.head[r] < 0) continue;
+      float* dst = it.partial + r * (H + 2);
+      std::copy(sc.acc.begin() + r * H, sc.acc.begin() + (r + 1) * H, dst);
+      dst[H] = sc.m[r];
+      dst[H + 1] = sc.l[r];
+    }
+    return;
+  }
   float* out = pb.out + static_cast<int64_t>(it.first_token) * N * H;
   for (int64_t r = 0; r < rows; ++r) {
     if (sc.head[r] < 0) continue;
@@ -368,20 +384,70 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   }
   const int64_t workers = jpaged::Workers(pool);
   // Fewer tiles than threads (one sequence decoding): decode tiles split by KV head, so that each
-  // thread reads and scores its heads' part of the K/V rows. Prefill tiles transpose all of K
-  // per item (kTransposeRows), so they stay whole.
-  if (static_cast<int64_t>(items.size()) < workers && pb.num_kv_heads > 1) {
+  // thread reads and scores its heads' part of the K/V rows, and by KV position into up to one
+  // part a thread (whole blocks of kBlock), merged below: by head alone, 3 KV heads on 2 threads
+  // left one thread with two thirds of the work, and one KV head with all of it. Prefill tiles
+  // transpose all of K per item (kTransposeRows), so they stay whole.
+  struct Split {
+    Item tile;
+    int32_t parts;
+    size_t partial;  // part 0's [rows, H + 2] in partials; part p's follows at p * rows * (H + 2)
+  };
+  std::vector<Split> splits;
+  std::vector<float> partials;
+  if (static_cast<int64_t>(items.size()) < workers) {
     std::vector<Item> split;
+    std::vector<std::pair<size_t, size_t>> partial_of;  // (index in split, offset in partials)
     for (const Item& it : items) {
-      if (it.num_tokens * pb.num_heads >= kTransposeRows) {
+      const int64_t rows = it.num_tokens * pb.num_heads, part_size = rows * (pb.head_dim + 2);
+      if (rows >= kTransposeRows) {
         split.push_back(it);
         continue;
       }
-      for (int32_t h = 0; h < pb.num_kv_heads; ++h) split.push_back(Item{it.seq, it.first_token, it.num_tokens, h, h + 1});
+      const int32_t q_start = pb.cu_q_lens[it.seq], q_len = pb.cu_q_lens[it.seq + 1] - q_start;
+      const int32_t first = pb.kv_lens[it.seq] - q_len + (it.first_token - q_start);  // the tile's first position
+      const int32_t begin = pb.window > 0 ? std::max<int32_t>(0, first - static_cast<int32_t>(pb.window) + 1) : 0;
+      const int32_t blocks = (first + it.num_tokens - begin + kBlock - 1) / kBlock;
+      const int32_t parts = static_cast<int32_t>(std::clamp<int64_t>(blocks, 1, workers));
+      if (parts > 1) {
+        splits.push_back(Split{it, parts, partials.size()});
+        partials.resize(partials.size() + parts * part_size);
+      }
+      for (int32_t h = 0; h < pb.num_kv_heads; ++h) {
+        for (int32_t part = 0; part < parts; ++part) {
+          Item piece{it.seq, it.first_token, it.num_tokens, h, h + 1};
+          if (parts > 1) {
+            piece.pos_begin = begin + blocks * part / parts * kBlock;
+            piece.pos_end = begin + blocks * (part + 1) / parts * kBlock;
+            partial_of.emplace_back(split.size(), splits.back().partial + part * part_size);
+          }
+          split.push_back(piece);
+        }
+      }
     }
+    for (const auto& [i, offset] : partial_of) split[i].partial = partials.data() + offset;  // partials is final
     items.swap(split);
   }
   jpaged::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) { RunOne(pb, items[i]); });
+  // Split tiles: the parts' softmax states rescaled to their common max, summed, normalized.
+  const int64_t H = pb.head_dim;
+  for (const Split& sp : splits) {
+    const int64_t rows = sp.tile.num_tokens * pb.num_heads, part_size = rows * (H + 2);
+    float* out = pb.out + static_cast<int64_t>(sp.tile.first_token) * pb.num_heads * H;  // zeroed above
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = partials.data() + sp.partial + r * (H + 2);
+      float mx = kMask, l = 0.0f;
+      for (int32_t part = 0; part < sp.parts; ++part) mx = std::max(mx, row[part * part_size + H]);
+      for (int32_t part = 0; part < sp.parts; ++part) {
+        const float* p = row + part * part_size;
+        const float w = exp_nonpositive(p[H] - mx);
+        l += p[H + 1] * w;
+        for (int64_t h = 0; h < H; ++h) out[r * H + h] += p[h] * w;
+      }
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      for (int64_t h = 0; h < H; ++h) out[r * H + h] *= inv;
+    }
+  }
   return ffi::Error::Success();
 }
 
