@@ -76,8 +76,8 @@ void ParallelFor(Pool& pool, int64_t tasks, const std::function<void(int64_t)>& 
 // claimed one index at a time: each thread walks one segment front to back (one stream through
 // memory, which the prefetchers follow), then helps with the others'. Each index is claimed once,
 // so a thread that starts late only finds less left, and the threads finish within one index of
-// each other: ParallelFor's chunks of n / (4 threads) left one thread waiting ~8 us at the end of
-// a decode call (the default model's projections on 2 cores), a tenth of the call.
+// each other: chunks of n / (4 x threads) claimed through ParallelFor left one thread waiting
+// ~8 us at the end of a decode call (the default model's projections on 2 cores).
 template <typename Pool>
 void ParallelForSegments(Pool& pool, int64_t n, const std::function<void(int64_t)>& task) {
   const int64_t segments = std::max<int64_t>(1, std::min<int64_t>(n, Workers(pool)));
