@@ -43,6 +43,7 @@ class ThroughputConfig:
     max_model_len: int | None = None  # None: just enough for the workload's longest request
     hf_mode: str = "static-cache"
     linear_backend: str = "auto"  # jpaged's projections: auto | cpu | xla
+    attn_backend: str = "auto"  # jpaged's attention: auto | cpu | xla | pallas
     tensor_parallel_size: int = 1  # jpaged: devices the model is split over
     quantization: str = "auto"  # jpaged's weights: auto (as stored) | none | int8 | int4 | int4-g128
 
@@ -98,7 +99,7 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
 
     max_len = cfg.max_model_len or max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
     kwargs = dict(dtype=cfg.dtype, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                  max_model_len=max_len, linear_backend=cfg.linear_backend,
+                  max_model_len=max_len, linear_backend=cfg.linear_backend, attn_backend=cfg.attn_backend,
                   tensor_parallel_size=cfg.tensor_parallel_size, quantization=cfg.quantization,
                   warmup="full")  # every shape compiled before the clock starts, as a server would
     model = cfg.model
@@ -149,7 +150,7 @@ def run_jpaged(cfg: ThroughputConfig, work: Workload) -> dict:
         peak_device_mib=_peak_device_mib_jax(),
         decode_roofline=roofline.as_dict(),
         quantization=cfg.quantization, weight_format=engine.weight_format, weight_bytes=engine.weight_bytes,
-        linear_backend=engine.linear_backend,
+        linear_backend=engine.linear_backend, attn_backend=engine.attn_backend,
     )
 
 
@@ -256,6 +257,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--linear-backend", default="auto", help="jpaged's projections: auto | cpu | xla")
+    p.add_argument("--attn-backend", default="auto", help="jpaged's attention: auto | cpu | xla | pallas")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "int4-g128"],
                    help="jpaged's weights: auto (as stored: the default model's 4-bit blocks packed), none (float32)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
@@ -285,7 +287,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     cfg = ThroughputConfig(backend=args.backend, model=args.model, dummy_config=args.dummy_config, dtype=args.dtype,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, hf_mode=args.hf_mode,
-                           linear_backend=args.linear_backend, tensor_parallel_size=args.tensor_parallel_size,
+                           linear_backend=args.linear_backend, attn_backend=args.attn_backend,
+                           tensor_parallel_size=args.tensor_parallel_size,
                            quantization=args.quantization)
     work = workload_from_args(args, vocab_size_of(cfg.model, cfg.dummy_config))
     res = run(cfg, work)

@@ -72,17 +72,18 @@ BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatters k, v [T, K, H] into the pools [NP, L, K, H] at slot_mapping [T].
+    """Scatters k, v [T, K, H] into the pools [NP, L, K, H] at slot_mapping [T] (page * L + offset).
 
     Padding slots point one past the pool and are dropped (JAX would wrap a negative index).
+    The scatter indexes (page, offset) of the 4-D pool: through a flat [NP * L, K, H] view, a
+    one-token step's scatter (a dynamic-update-slice) became a copy of the whole pool each step
+    wherever a loop read the pool afterwards (the XLA backend's decode; XLA CPU, measured).
     """
-    num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
-    flat = (num_pages * page_size, num_kv_heads, head_dim)
-    k_pages = k_pages.reshape(flat).at[slot_mapping].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.reshape(flat).at[slot_mapping].set(v.astype(v_pages.dtype), mode="drop")
-    return k_pages.reshape(num_pages, page_size, num_kv_heads, head_dim), v_pages.reshape(
-        num_pages, page_size, num_kv_heads, head_dim
-    )
+    page_size = k_pages.shape[1]
+    page, offset = slot_mapping // page_size, slot_mapping % page_size
+    k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages
 
 
 def paged_attention(

@@ -124,16 +124,17 @@ def _one_token_tiles(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, seq,
     scores are a multiply-and-reduce over H that XLA fuses with the slot gather: no K/V copy
     is materialized and no tiny matmuls are dispatched (1.4x faster than a per-page loop of
     einsums at B=32 on a 2-core CPU).
+
+    The slots are gathered as (page, offset) of the 4-D pools, not through a flat view: a
+    reshaped pool read inside the loop made XLA copy every pool each step (see write_kv).
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
     group = num_heads // num_kv_heads
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     pos = jnp.where(valid > 0, kv_lens[seq] - q_lens[seq] + (first - cu_q_lens[seq]), -1)  # [W]
     qq = (q.astype(jnp.float32) * scale).reshape(num_tokens, 1, num_kv_heads, group, head_dim)
-    k_flat = k_pages.reshape(num_pages * page_size, num_kv_heads, head_dim)
-    v_flat = v_pages.reshape(num_pages * page_size, num_kv_heads, head_dim)
     tables = block_tables[seq]  # [W, P]
     span = DECODE_SPAN
     num_steps = (jnp.max(jnp.where(valid > 0, pos + 1, 0)) + span - 1) // span
@@ -141,18 +142,19 @@ def _one_token_tiles(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, seq,
     def body(j, carry):
         m, l, acc = carry  # [W, K, G], same, [W, K, G, H]
         kv_pos = j * span + jnp.arange(span)
-        slot = tables[:, jnp.minimum(kv_pos // page_size, pages_per_seq - 1)] * page_size + kv_pos % page_size
+        page = tables[:, jnp.minimum(kv_pos // page_size, pages_per_seq - 1)]  # [W, span]
+        offset = kv_pos % page_size  # [span]
         seen = kv_pos[None, :] <= pos[:, None]  # [W, span]; pos < kv_len, so never past the sequence
         if sliding_window is not None:
             seen &= kv_pos[None, :] > pos[:, None] - sliding_window
         seen = seen[:, :, None, None]
-        k = k_flat[slot].astype(jnp.float32)[:, :, :, None, :]  # [W, span, K, 1, H]
+        k = k_pages[page, offset[None, :]].astype(jnp.float32)[:, :, :, None, :]  # [W, span, K, 1, H]
         s = jnp.where(seen, jnp.sum(qq * k, axis=-1), _MASK_VALUE)  # [W, span, K, G]
         m_new = jnp.maximum(m, s.max(1))
         p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
         # V rows not seen (null or stale pages) are zeroed: 0 * NaN would leak
-        v = jnp.where(seen[..., None], v_flat[slot].astype(jnp.float32)[:, :, :, None, :], 0.0)
+        v = jnp.where(seen[..., None], v_pages[page, offset[None, :]].astype(jnp.float32)[:, :, :, None, :], 0.0)
         pv = jnp.sum(p[..., None] * v, axis=1)  # [W, K, G, H]
         return m_new, alpha * l + p.sum(1), alpha[..., None] * acc + pv
 
