@@ -83,10 +83,17 @@ def test_dry_run_writes_every_promised_file(dry_run):
     modes = THROUGHPUT["dry"]["hf_modes"]
     assert [r["label"] for r in tput["runs"]] == ["jpaged"] + [f"hf {m}" for m in modes]
     assert tput["speedup"] > 0 and tput["roofline_fraction"] > 0 and tput["hf_best"] in modes
+    # The sweep step is benchmarks/sweep.py end to end at a tiny shape (jpaged served over HTTP,
+    # HF batches): both complete every request.
     sweep = steps["sweep.json"]
     assert {(r["system"], r["concurrency"]) for r in sweep["rows"]} == {(s, c) for s in ("jpaged", "hf") for c in (1, 2)}
+    for r in sweep["rows"]:
+        assert r["failed"] == 0 and r["num_requests"] == 4
+        assert r["requests_per_s"] == pytest.approx(r["num_requests"] / r["seconds"], rel=1e-6)
+        assert 0 < r["mean_ttft_ms"] < 1000 * r["seconds"] and r["peak_memory_mib"] > 100
     assert sweep["hf_mode"] == tput["hf_best"]
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "vs HF" in (out / "run.log").read_text()
 
 
 def test_dry_run_log_holds_steps_in_order_and_the_table(dry_run):
