@@ -143,18 +143,18 @@ def _one_token_tiles(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, seq,
         m, l, acc = carry  # [W, K, G], same, [W, K, G, H]
         kv_pos = j * span + jnp.arange(span)
         page = tables[:, jnp.minimum(kv_pos // page_size, pages_per_seq - 1)]  # [W, span]
-        offset = kv_pos % page_size  # [span]
+        offset = (kv_pos % page_size)[None, :]  # [1, span]
         seen = kv_pos[None, :] <= pos[:, None]  # [W, span]; pos < kv_len, so never past the sequence
         if sliding_window is not None:
             seen &= kv_pos[None, :] > pos[:, None] - sliding_window
         seen = seen[:, :, None, None]
-        k = k_pages[page, offset[None, :]].astype(jnp.float32)[:, :, :, None, :]  # [W, span, K, 1, H]
+        k = k_pages[page, offset].astype(jnp.float32)[:, :, :, None, :]  # [W, span, K, 1, H]
         s = jnp.where(seen, jnp.sum(qq * k, axis=-1), _MASK_VALUE)  # [W, span, K, G]
         m_new = jnp.maximum(m, s.max(1))
         p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
         # V rows not seen (null or stale pages) are zeroed: 0 * NaN would leak
-        v = jnp.where(seen[..., None], v_pages[page, offset[None, :]].astype(jnp.float32)[:, :, :, None, :], 0.0)
+        v = jnp.where(seen[..., None], v_pages[page, offset].astype(jnp.float32)[:, :, :, None, :], 0.0)
         pv = jnp.sum(p[..., None] * v, axis=1)  # [W, K, G, H]
         return m_new, alpha * l + p.sum(1), alpha[..., None] * acc + pv
 
