@@ -38,6 +38,7 @@ constexpr int kTileTokens = 16;  // query tokens per work item
 constexpr int kBlock = 64;       // KV positions per softmax update
 constexpr float kMask = -1e30f;
 constexpr int kTransposeRows = 32;  // from this many rows per item, scores go through transposed K
+constexpr int kSplitUnit = 16;  // KV positions: a lone decode tile splits across threads in runs of this many
 
 // exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp): written so the loops around it vectorize.
 inline float exp_nonpositive(float x) {
@@ -71,13 +72,12 @@ struct Problem {
   int64_t window;  // 0 = no sliding window
 };
 
-// A sequence's tile of tokens and a range of its KV heads (all of them, except for decode
-// tiles when there are fewer tiles than threads: one sequence alone would use one core), over
-// KV positions [pos_begin, pos_end) of what the tile sees. An item over part of the positions
-// leaves its rows unnormalized in `partial` ([rows, H + 2]: acc, then the running max and sum),
-// for PagedAttention to merge.
+// A sequence's tile of tokens, all heads, over KV positions [pos_begin, pos_end) of what the tile
+// sees (part of them for a decode tile when there are fewer tiles than threads: one sequence alone
+// would use one core). An item over part of the positions leaves its rows unnormalized in
+// `partial` ([rows, H + 2]: acc, then the running max and sum), for PagedAttention to merge.
 struct Item {
-  int32_t seq, first_token, num_tokens, kv_begin, kv_end;
+  int32_t seq, first_token, num_tokens;
   int32_t pos_begin = 0, pos_end = INT32_MAX;
   float* partial = nullptr;
 };
@@ -252,9 +252,8 @@ inline int64_t RowOffset(const Problem& pb, const int32_t* table, int32_t j) {
   return (page * pb.page_size + j % pb.page_size) * pb.num_kv_heads * pb.head_dim;
 }
 
-// One sequence's tile of tokens, the query heads of the item's KV heads: row r is token r / N,
-// query head r % N, which reads KV head (r % N) / G; rows of other KV heads are skipped. Every
-// K/V row of the pool ([K, H], contiguous) is read once per item.
+// One sequence's tile of tokens: row r is token r / N, query head r % N, which reads KV head
+// (r % N) / G. Every K/V row of the pool ([K, H], contiguous) is read once per item.
 // kHeadDim > 0 fixes H at compile time, so a row's accumulator stays in registers.
 template <int64_t kHeadDim>
 void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
@@ -266,12 +265,9 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   const int32_t kv_len = pb.kv_lens[it.seq];
   const int32_t* table = pb.tables + static_cast<int64_t>(it.seq) * pb.pages_per_seq;
 
-  // Row r's KV head, or -1 for another item's: computed once, not per position (two integer
-  // divisions per row and position were a good part of a decode step's attention).
-  for (int64_t r = 0; r < rows; ++r) {
-    const int32_t kv_head = static_cast<int32_t>((r % N) / G);
-    sc.head[r] = kv_head >= it.kv_begin && kv_head < it.kv_end ? kv_head : -1;
-  }
+  // Row r's KV head: computed once, not per position (two integer divisions per row and position
+  // were a good part of a decode step's attention).
+  for (int64_t r = 0; r < rows; ++r) sc.head[r] = static_cast<int32_t>((r % N) / G);
   const float* q_src = pb.q + static_cast<int64_t>(it.first_token) * N * H;
   for (int64_t i = 0; i < rows * H; ++i) sc.qs[i] = q_src[i] * pb.scale;
   for (int64_t r = 0; r < rows; ++r) {
@@ -295,7 +291,7 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
     // request the next block's rows while this one computes.
     for (int32_t j = j0 + kBlock; j < std::min<int32_t>(end, j0 + 2 * kBlock); ++j) {
       const int64_t offset = RowOffset(pb, table, j);
-      for (int64_t x = it.kv_begin * H; x < it.kv_end * H; x += 16) {
+      for (int64_t x = 0; x < K * H; x += 16) {
         __builtin_prefetch(pb.k + offset + x);
         __builtin_prefetch(pb.v + offset + x);
       }
@@ -307,14 +303,12 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
       if (transpose) {
         for (int64_t x = 0; x < K * H; ++x) sc.kt[x * kBlock + jj] = kr[x];
       } else {
-        for (int64_t r = 0; r < rows; ++r) {
-          if (sc.head[r] >= 0) sc.s[r * kBlock + jj] = Dot<kHeadDim>(sc.qs.data() + r * H, kr + sc.head[r] * H, H);
-        }
+        for (int64_t r = 0; r < rows; ++r) sc.s[r * kBlock + jj] = Dot<kHeadDim>(sc.qs.data() + r * H, kr + sc.head[r] * H, H);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t lo = sc.lo[r], hi = sc.pos[r];
-      if (hi < j0 || lo >= j0 + n || sc.head[r] < 0) continue;  // nothing visible to this row in the block
+      if (hi < j0 || lo >= j0 + n) continue;  // nothing visible to this row in the block
       const int64_t kv_head = sc.head[r];
       float* __restrict s = sc.s.data() + r * kBlock;
       if (transpose) ScoreRow(sc.qs.data() + r * H, sc.kt.data() + kv_head * H * kBlock, H, s);
@@ -331,7 +325,6 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   }
   if (it.partial != nullptr) {
     for (int64_t r = 0; r < rows; ++r) {
-      if (sc.head[r] < 0) continue;
       float* dst = it.partial + r * (H + 2);
       std::copy(sc.acc.begin() + r * H, sc.acc.begin() + (r + 1) * H, dst);
       dst[H] = sc.m[r];
@@ -341,7 +334,6 @@ void RunItem(const Problem& pb, const Item& it, Scratch& sc) {
   }
   float* out = pb.out + static_cast<int64_t>(it.first_token) * N * H;
   for (int64_t r = 0; r < rows; ++r) {
-    if (sc.head[r] < 0) continue;
     const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;
     for (int64_t h = 0; h < H; ++h) out[r * H + h] = sc.acc[r * H + h] * inv;
   }
@@ -378,15 +370,15 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     const int32_t first = pb.cu_q_lens[s], last = std::min<int64_t>(pb.cu_q_lens[s + 1], num_tokens);
     if (last - first <= 0 || pb.kv_lens[s] < last - first) continue;  // padding sequence
     for (int32_t t = first; t < last; t += kTileTokens) {
-      items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t), 0, static_cast<int32_t>(pb.num_kv_heads)});
+      items.push_back(Item{s, t, std::min<int32_t>(kTileTokens, last - t)});
     }
   }
   const int64_t workers = jpaged::Workers(pool);
-  // Fewer tiles than threads (one sequence decoding): decode tiles split by KV head, so that each
-  // thread reads and scores its heads' part of the K/V rows, and by KV position into up to one
-  // part a thread (whole blocks of kBlock), merged below: by head alone, 3 KV heads on 2 threads
-  // left one thread with two thirds of the work, and one KV head with all of it. Prefill tiles
-  // transpose all of K per item (kTransposeRows), so they stay whole.
+  // Fewer tiles than threads (one sequence decoding): decode tiles split by KV position into up to
+  // one part a thread (runs of kSplitUnit positions), merged below. Each part reads whole K/V rows
+  // (all heads, contiguous within a page, which the prefetchers follow): split by KV head as well,
+  // each thread read a third of every row, and one stream's attention took ~1.5x as long (3 KV
+  // heads, 2 threads). Prefill tiles transpose all of K per item (kTransposeRows), so they stay whole.
   struct Split {
     Item tile;
     int32_t parts;
@@ -406,22 +398,20 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
       const int32_t q_start = pb.cu_q_lens[it.seq], q_len = pb.cu_q_lens[it.seq + 1] - q_start;
       const int32_t first = pb.kv_lens[it.seq] - q_len + (it.first_token - q_start);  // the tile's first position
       const int32_t begin = pb.window > 0 ? std::max<int32_t>(0, first - static_cast<int32_t>(pb.window) + 1) : 0;
-      const int32_t blocks = (first + it.num_tokens - begin + kBlock - 1) / kBlock;
-      const int32_t parts = static_cast<int32_t>(std::clamp<int64_t>(blocks, 1, workers));
+      const int32_t units = (first + it.num_tokens - begin + kSplitUnit - 1) / kSplitUnit;
+      const int32_t parts = static_cast<int32_t>(std::clamp<int64_t>(units, 1, workers));
       if (parts > 1) {
         splits.push_back(Split{it, parts, partials.size()});
         partials.resize(partials.size() + parts * part_size);
       }
-      for (int32_t h = 0; h < pb.num_kv_heads; ++h) {
-        for (int32_t part = 0; part < parts; ++part) {
-          Item piece{it.seq, it.first_token, it.num_tokens, h, h + 1};
-          if (parts > 1) {
-            piece.pos_begin = begin + blocks * part / parts * kBlock;
-            piece.pos_end = begin + blocks * (part + 1) / parts * kBlock;
-            partial_of.emplace_back(split.size(), splits.back().partial + part * part_size);
-          }
-          split.push_back(piece);
+      for (int32_t part = 0; part < parts; ++part) {
+        Item piece = it;
+        if (parts > 1) {
+          piece.pos_begin = begin + units * part / parts * kSplitUnit;
+          piece.pos_end = begin + units * (part + 1) / parts * kSplitUnit;
+          partial_of.emplace_back(split.size(), splits.back().partial + part * part_size);
         }
+        split.push_back(piece);
       }
     }
     for (const auto& [i, offset] : partial_of) split[i].partial = partials.data() + offset;  // partials is final

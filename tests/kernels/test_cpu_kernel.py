@@ -32,15 +32,16 @@ CASES = [
     (16, 2, 128, 32, 20, [33, 1, 5], [33, 99, 70]),  # G = 8, window
     (4, 4, 32, 8, 7, [1, 12, 3], [9, 12, 200]),  # G = 1, window shorter than a page
     (12, 4, 128, 16, None, [3, 1, 64], [130, 129, 64]),  # head_dim 128, blocks of 64 positions
-    # one sequence decoding (or a short tile): its items split by KV head across threads, and by
-    # KV position in whole blocks of 64 (merged after): one KV head, a window, two tokens, a
-    # context ending on a block boundary
+    # one sequence decoding (or a short tile): its items split by KV position across threads
+    # (merged after): one KV head, a window, two tokens, a context ending on a block boundary,
+    # parts meeting inside a page and inside a block of 64
     (9, 3, 64, 16, None, [1], [200]),
     (4, 2, 32, 8, 5, [2], [37]),
     (4, 1, 64, 16, None, [1], [300]),
     (9, 3, 64, 16, 100, [1], [333]),
     (9, 3, 64, 16, None, [2], [500]),
     (8, 2, 128, 32, None, [1], [128]),
+    (9, 3, 64, 32, None, [1], [90]),
 ]
 
 
