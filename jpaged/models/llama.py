@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from jpaged.models.attention import AttentionMetadata, write_and_attend
 from jpaged.models.config import ModelConfig
 from jpaged.models.packed import LEAVES, PackedFormat, Quantization, packed_matmul_xla, packed_rows
-from jpaged.models.rope import apply_rope, inverse_frequencies
+from jpaged.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jpaged.typing import KVCache
 from pallas_kernels.cpu_linear import PANEL, linear_cpu
 from pallas_kernels.cpu_linear_packed import linear_cpu_packed
@@ -169,8 +169,9 @@ class Attention(nnx.Module):
         self.mesh = mesh
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv: KVCache, meta: AttentionMetadata
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVCache, meta: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
+        """x [T, D] and the step's rope_tables (cos, sin [T, 1, H/2]) -> [T, D] and the new KV pool."""
         num_tokens = x.shape[0]
         if self.qkv_proj is not None:
             q, k, v = jnp.split(self.qkv_proj(x), np.cumsum([self.num_heads, self.num_kv_heads]) * self.head_dim, -1)
@@ -181,9 +182,8 @@ class Attention(nnx.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = inverse_frequencies(self.config)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
         out, kv = write_and_attend(
             q, k, v, kv, meta,
             scale=self.head_dim**-0.5, backend=self.backend, sliding_window=self.config.sliding_window, mesh=self.mesh,
@@ -229,8 +229,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, linear=linear, dtype=dtype, rngs=rngs, quant=quant, prefix=prefix + "mlp.")
 
-    def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
-        attn_out, kv = self.attn(self.input_norm(x), positions, kv, meta)
+    def __call__(self, x, rope: tuple[jax.Array, jax.Array], kv: KVCache, meta: AttentionMetadata):
+        attn_out, kv = self.attn(self.input_norm(x), rope, kv, meta)
         x = x + attn_out
         return x + self.mlp(self.post_attn_norm(x)), kv
 
@@ -279,9 +279,10 @@ class CausalLM(nnx.Module):
             x = self.embed(token_ids)  # [T, D]
         else:
             x = self.embed[...][token_ids]  # [T, D]
+        rope = rope_tables(positions, inverse_frequencies(self.config))
         new_caches = []
         for layer, kv in zip(self.layers, kv_caches):
-            x, kv = layer(x, positions, kv, meta)
+            x, kv = layer(x, rope, kv, meta)
             new_caches.append(kv)
         return x, new_caches
 

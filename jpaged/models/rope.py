@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,11 +47,19 @@ def _llama3_scaling(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """Rotates x [T, heads, H] by the angles of positions [T]; returns x's dtype."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [T, 1, H/2] float32 of positions [T]'s angles: computed once a step for every layer.
+
+    Materialized (optimization_barrier): left to XLA, each layer's rotation fused the cos and sin
+    in and evaluated them per element of every head (profiled on 2 CPU cores: the rotations took
+    ~22 ms of a ~370 ms 128-token prefill step, ~2 ms with the tables materialized).
+    """
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    return jax.lax.optimization_barrier((jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [T, heads, H] by rope_tables' cos and sin [T, 1, H/2]; returns x's dtype."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
