@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, list[float]] = {w: [] for w in args.workers}
     for _ in range(args.repeats):
         for workers in args.workers:
-            runner = ModelRunner(model_obj, base.spec, kv_dtype=base.kv_caches[0][0].dtype)
+            runner = ModelRunner(model_obj, base.spec, kv_dtype=base.kv_caches[0].dtype)
             start = time.perf_counter()
             runner.prepare(shapes, workers=workers)
             runs[workers].append(time.perf_counter() - start)

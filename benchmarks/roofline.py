@@ -77,10 +77,10 @@ def weight_bytes(runner) -> int:
 
 
 def kv_bytes_per_position(runner) -> int:
-    """K and V of one position over all layers on each device: sum over layers of 2 x K' x H x
-    itemsize, K' the KV heads one device holds."""
-    return sum(_device_bytes(k) // (k.shape[0] * k.shape[1]) + _device_bytes(v) // (v.shape[0] * v.shape[1])
-               for k, v in runner.kv_caches)
+    """K and V of one position over all layers on each device: Y x 2 x K' x H x itemsize, K' the
+    KV heads one device holds (the pools [Y * NP, L, K, H] hold NP x L positions)."""
+    positions = runner.spec.num_pages * runner.spec.page_size
+    return sum(_device_bytes(pool) // positions for pool in runner.kv_caches)
 
 
 def decode_step_shape(batch: BatchInputs) -> tuple[int, int] | None:

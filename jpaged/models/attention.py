@@ -70,17 +70,21 @@ BACKENDS: dict[str, AttentionBackend] = {"xla": _xla_backend, "pallas": _pallas_
 
 
 def write_kv(
-    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, first_page: int,
+    num_pages: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatters k, v [T, K, H] into the pools [NP, L, K, H] at slot_mapping [T] (page * L + offset).
+    """Scatters k, v [T, K, H] into one layer's pages of the pools [Y * NP, L, K, H] (pages
+    first_page .. first_page + NP) at slot_mapping [T] (page * L + offset within the layer).
 
-    Padding slots point one past the pool and are dropped (JAX would wrap a negative index).
-    The scatter indexes (page, offset) of the 4-D pool: through a flat [NP * L, K, H] view, a
-    one-token step's scatter (a dynamic-update-slice) became a copy of the whole pool each step
-    wherever a loop read the pool afterwards (the XLA backend's decode; XLA CPU, measured).
+    Padding slots point one past the layer's pages; they go one past the pools and are dropped
+    (JAX would wrap a negative index), never into the next layer's null page. The scatter
+    indexes (page, offset) of the 4-D pools: through a flat [Y * NP * L, K, H] view, a one-token
+    step's scatter (a dynamic-update-slice) became a copy of the whole pool each step wherever a
+    loop read the pool afterwards (the XLA backend's decode; XLA CPU, measured).
     """
     page_size = k_pages.shape[1]
     page, offset = slot_mapping // page_size, slot_mapping % page_size
+    page = jnp.where(page < num_pages, page + first_page, k_pages.shape[0])
     k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages
@@ -107,22 +111,29 @@ def write_and_attend(
     kv: KVCache,
     meta: AttentionMetadata,
     *,
+    layer: int,
+    num_layers: int,
     scale: float,
     backend: str,
     sliding_window: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Writes this step's k, v [T, K, H] into a layer's pools, then attends q [T, N, H] through them.
+    """Writes this step's k, v [T, K, H] into layer `layer`'s pages of the pools (pages
+    layer * NP .. (layer + 1) * NP of num_layers * NP), then attends q [T, N, H] through them:
+    the block tables, numbered within a layer, shifted to that layer's pages.
 
     Returns the attention output [T, N, H] and the new pools. With a mesh (tensor parallelism)
     both run once per device under shard_map on that device's heads: q, k, v and the output
-    split on their head axis, the pools [NP, L, K, H] on K, the metadata whole. Every device
+    split on their head axis, the pools [Y * NP, L, K, H] on K, the metadata whole. Every device
     holds the same pages for every block id, so block tables and slots need no translation,
     the scatter stays local and the donated pools never move.
     """
 
     def local(q, k, v, k_pages, v_pages, meta):
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+        num_pages = k_pages.shape[0] // num_layers
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping, layer * num_pages, num_pages)
+        # Padding table entries (0) land on the layer's own null page.
+        meta = dataclasses.replace(meta, block_tables=meta.block_tables + jnp.int32(layer * num_pages))
         out = paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend, sliding_window=sliding_window)
         return out, k_pages, v_pages
 
@@ -136,14 +147,15 @@ def write_and_attend(
 def alloc_kv_pools(
     num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,
     sharding: jax.sharding.Sharding | None = None,
-) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed (k_pages, v_pages) [NP, L, K, H] per layer; page 0 is the null page.
+) -> KVCache:
+    """Zeroed (k_pages, v_pages) [Y * NP, L, K, H]: layer i's pages are i * NP .. (i + 1) * NP,
+    the first of them its null page.
 
     With a sharding each pool is made in place, every device zeroing only its shard (a full
     pool is never on one device).
     """
-    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    shape = (num_layers * num_pages, page_size, num_kv_heads, head_dim)
     if sharding is None:
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return [(zeros(), zeros()) for _ in range(num_layers)]
+    return zeros(), zeros()

@@ -169,9 +169,10 @@ class Attention(nnx.Module):
         self.mesh = mesh
 
     def __call__(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVCache, meta: AttentionMetadata
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVCache, meta: AttentionMetadata, layer: int
     ) -> tuple[jax.Array, KVCache]:
-        """x [T, D] and the step's rope_tables (cos, sin [T, 1, H/2]) -> [T, D] and the new KV pool."""
+        """x [T, D] and the step's rope_tables (cos, sin [T, 1, H/2]) -> [T, D] and the KV pools
+        with this step's k, v written to layer `layer`'s pages."""
         num_tokens = x.shape[0]
         if self.qkv_proj is not None:
             q, k, v = jnp.split(self.qkv_proj(x), np.cumsum([self.num_heads, self.num_kv_heads]) * self.head_dim, -1)
@@ -185,7 +186,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, *rope)
         k = apply_rope(k, *rope)
         out, kv = write_and_attend(
-            q, k, v, kv, meta,
+            q, k, v, kv, meta, layer=layer, num_layers=self.config.num_layers,
             scale=self.head_dim**-0.5, backend=self.backend, sliding_window=self.config.sliding_window, mesh=self.mesh,
         )
         return self.o_proj(out.reshape(num_tokens, -1)), kv
@@ -229,8 +230,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, linear=linear, dtype=dtype, rngs=rngs, quant=quant, prefix=prefix + "mlp.")
 
-    def __call__(self, x, rope: tuple[jax.Array, jax.Array], kv: KVCache, meta: AttentionMetadata):
-        attn_out, kv = self.attn(self.input_norm(x), rope, kv, meta)
+    def __call__(self, x, rope: tuple[jax.Array, jax.Array], kv: KVCache, meta: AttentionMetadata, layer: int):
+        attn_out, kv = self.attn(self.input_norm(x), rope, kv, meta, layer)
         x = x + attn_out
         return x + self.mlp(self.post_attn_norm(x)), kv
 
@@ -272,19 +273,17 @@ class CausalLM(nnx.Module):
         )
 
     def __call__(
-        self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[KVCache], meta: AttentionMetadata
-    ) -> tuple[jax.Array, list[KVCache]]:
+        self, token_ids: jax.Array, positions: jax.Array, kv_caches: KVCache, meta: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
         """token_ids, positions [T] -> hidden states [T, D] (before the final norm) and new KV pools."""
         if isinstance(self.embed, PackedEmbedding):
             x = self.embed(token_ids)  # [T, D]
         else:
             x = self.embed[...][token_ids]  # [T, D]
         rope = rope_tables(positions, inverse_frequencies(self.config))
-        new_caches = []
-        for layer, kv in zip(self.layers, kv_caches):
-            x, kv = layer(x, rope, kv, meta)
-            new_caches.append(kv)
-        return x, new_caches
+        for i, layer in enumerate(self.layers):
+            x, kv_caches = layer(x, rope, kv_caches, meta, i)
+        return x, kv_caches
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, D] (rows picked from __call__'s output) -> float32 logits [B, V]."""

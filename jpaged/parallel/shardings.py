@@ -40,7 +40,7 @@ PARAM_SPECS: list[tuple[str, P]] = [
 
 # Activations and the KV pools, for shard_map and the runner's declared shardings.
 HEADS_SPEC = P(None, TP_AXIS, None)  # q, k, v, attention output [T, N or K, H]: split by head
-KV_POOL_SPEC = P(None, None, TP_AXIS, None)  # a layer's pool [NP, L, K, H]: each device its KV heads' pages
+KV_POOL_SPEC = P(None, None, TP_AXIS, None)  # the pools [Y * NP, L, K, H]: each device its KV heads' pages
 
 
 def vocab_parts(vocab_size: int, tensor_parallel_size: int) -> int:

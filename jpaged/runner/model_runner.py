@@ -62,7 +62,7 @@ def _abstract(tree, host_sharding: jax.sharding.Sharding | None = None):
     return jax.tree.map(leaf, tree)
 
 
-def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batch: BatchInputs):
+def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: KVCache, batch: BatchInputs):
     """The model program: (new KV pools, float32 logits [B, V] at batch.logits_indices).
 
     Kept a plain function so tests can lower the very same step for other devices
@@ -72,7 +72,7 @@ def forward_step(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batc
     return kv_caches, logits
 
 
-def forward_with_hidden(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: list, batch: BatchInputs):
+def forward_with_hidden(graphdef: nnx.GraphDef, state: nnx.State, kv_caches: KVCache, batch: BatchInputs):
     """What the runner compiles per (T, B, P) bucket: forward_step's outputs and the hidden states of
     every token [T_max, D], zero-padded to the length of batch.prompt_targets (the largest T bucket)
     so that one prompt log-probability program serves every T; they stay on the device unless read."""
@@ -91,7 +91,7 @@ class ModelRunner:
     """Runs padded batches through compiled executables; the KV pools are donated and replaced each call."""
 
     def __init__(self, model: CausalLM, spec: BucketSpec, *, kv_dtype, store: ExecutableStore | None = None,
-                 mesh: Mesh | None = None, kv_caches: list[KVCache] | None = None):
+                 mesh: Mesh | None = None, kv_caches: KVCache | None = None):
         """kv_caches: the zeroed pools (alloc_kv_pools of spec's shape), when the caller made them
         already (the engine does, on another thread while the weights load); else made here."""
         config = model.config

@@ -50,12 +50,12 @@ def sharded_step(config: ModelConfig, mesh, *, dtype, backend: str, tokens: int 
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated),
                          dummy_batch(spec, tokens, seqs, pages_per_seq))
     pool_sharding = NamedSharding(mesh, parallel.KV_POOL_SPEC)
-    pool = jax.ShapeDtypeStruct((num_pages, page_size, run_config.num_kv_heads, run_config.head_dim), dtype,
-                                sharding=pool_sharding)
-    kv = [(pool, pool) for _ in range(run_config.num_layers)]
+    pool = jax.ShapeDtypeStruct((run_config.num_layers * num_pages, page_size, run_config.num_kv_heads,
+                                 run_config.head_dim), dtype, sharding=pool_sharding)  # every layer's pages
+    kv = (pool, pool)
     logits = NamedSharding(mesh, parallel.logits_spec(run_config.vocab_size, tp))
     step = jax.jit(functools.partial(forward_step, graphdef), donate_argnums=(1,),
-                   out_shardings=([(pool_sharding, pool_sharding)] * run_config.num_layers, logits))
+                   out_shardings=((pool_sharding, pool_sharding), logits))
     return step, (state, kv, batch)
 
 

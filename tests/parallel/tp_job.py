@@ -63,7 +63,7 @@ def _prompts(vocab: int, lens, seed: int = 0) -> list[list[int]]:
 
 
 def _kv_report(runner) -> dict:
-    k_pages = runner.kv_caches[0][0]
+    k_pages = runner.kv_caches[0]  # [Y * NP, L, K, H]
     shard = k_pages.addressable_shards[0].data
     return dict(num_pages=int(k_pages.shape[0]), global_shape=tuple(k_pages.shape), shard_shape=tuple(shard.shape),
                 bytes_per_device=int(shard.nbytes), num_shards=len(k_pages.addressable_shards),

@@ -73,18 +73,20 @@ def test_lazy_compiles_each_new_shape_once_and_matches_full(model, hf_reference,
     assert lazy.engine.runner.num_compiles == len(lazy.engine.runner._executables)
 
 
-def test_steps_write_the_kv_pools_in_place(model, monkeypatch):
-    """No step program needs scratch memory the size of a KV pool: the pools are donated and each
-    step writes its tokens into them in place. (The XLA backend's one-token decode once copied
-    every pool each step, its scatter going through a flat view of the pool that its attention
-    loop then read.)"""
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
+def test_steps_write_the_kv_pools_in_place(model, monkeypatch, backend):
+    """No step program needs scratch memory the size of one layer's KV pool: the stacked pools
+    are donated and each step writes its tokens into them in place, and each layer's attention
+    reads its pages where they are. (The XLA backend's one-token decode once copied every pool
+    each step, its scatter going through a flat view of the pool that its attention loop then
+    read; a reshape of the stacked pools read in that loop did the same.)"""
     monkeypatch.setenv("JPAGED_COMPILATION_CACHE", "0")  # compiled here, so their analyses are at hand
     # Pools far larger than any activation of this tiny model, so a copy of one would stand out.
-    llm = LLM(model[0], attn_backend="xla", linear_backend="xla", warmup="lazy", num_kv_blocks=2048, **ENGINE)
+    llm = LLM(model[0], attn_backend=backend, linear_backend=backend, warmup="lazy", num_kv_blocks=2048, **ENGINE)
     llm.generate(prompts(1), GREEDY, use_tqdm=False)  # one sequence: prefill, then one-token steps
     llm.generate(prompts(3, seed=1), GREEDY, use_tqdm=False)  # several: mixed and batched decode steps
     runner = llm.engine.runner
-    pool_bytes = runner.kv_caches[0][0].nbytes
+    pool_bytes = runner.kv_caches[0].nbytes * runner.spec.num_pages // runner.kv_caches[0].shape[0]  # one layer's K
     forwards = {name: c for name, c in runner._executables.items() if name.startswith("forward")}
     assert any(name.startswith("forward-T1-") for name in forwards) and len(forwards) > 2
     for name, compiled in forwards.items():
